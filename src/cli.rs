@@ -1,0 +1,331 @@
+//! The command line: the native form, the fuse-overlayfs form and the mount(8) form, one
+//! typed `MountOptions`, then mount.
+//!
+//! The process returns only once the mount is live: it forks, the child sets up the FUSE
+//! session (mount + INIT handshake) and reports back through a pipe, then closes its
+//! inherited stdio and serves. With `-f` it serves in the foreground. SIGTERM, SIGINT and
+//! SIGHUP unmount (lazily if busy); the daemon exits when the kernel ends the connection.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+
+use crate::fuse::UnionFs;
+use crate::options::{self, MountOptions};
+use crate::sys;
+use crate::union::Union;
+
+const EXAMPLES: &str = "\
+Examples:
+  unionmount --layers top:middle:base /mnt                      read-only union of three layers
+  unionmount --layers app:base --upper up --work wk /mnt        writable, changes go to ./up
+  unionmount -o lowerdir=/l1:/l2,upperdir=/u,workdir=/w /mnt    fuse-overlayfs form
+  mount -t fuse.unionmount unionmount /mnt -o lowerdir=/l1,upperdir=/u,workdir=/w
+  fusermount3 -u /mnt    (or umount /mnt as root)               unmount
+
+Layer order is overlayfs order: the leftmost layer is the top. Options: lowerdir, upperdir,
+workdir, ro, rw, dev, nodev, suid, nosuid, exec, noexec, noatime, volatile, fsync=0|1,
+context=, uidmapping=H:T:L[:H:T:L...], gidmapping=, squash_to_root, squash_to_uid=,
+squash_to_gid=, static_nlink, noxattrs, noacl, allow_other, allow_root, default_permissions,
+max_write=, xino=. Set RUST_LOG=debug (or -d) for a request log.";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "unionmount",
+    version,
+    about = "Mount a stack of layers as one tree with overlayfs semantics (FUSE)",
+    after_help = EXAMPLES
+)]
+struct Args {
+    /// Lower layers, top first, separated by ':' (`\:` for a colon in a path)
+    #[arg(long, value_name = "TOP:...:BASE")]
+    layers: Option<String>,
+    /// Writable upper layer (needs --work)
+    #[arg(long, value_name = "DIR")]
+    upper: Option<PathBuf>,
+    /// Work directory on the same filesystem as --upper
+    #[arg(long, value_name = "DIR")]
+    work: Option<PathBuf>,
+    /// Mount options, comma separated (may be given several times)
+    #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
+    options: Vec<OsString>,
+    /// Stay in the foreground
+    #[arg(short = 'f', long)]
+    foreground: bool,
+    /// Foreground with a debug log on stderr
+    #[arg(short = 'd', long)]
+    debug: bool,
+    /// [SOURCE] MOUNTPOINT (mount(8) passes a source first)
+    #[arg(value_name = "MOUNTPOINT", num_args = 1..=2, required = true)]
+    positional: Vec<PathBuf>,
+}
+
+/// Everything `main` needs, validated.
+struct Plan {
+    opts: MountOptions,
+    mountpoint: PathBuf,
+    source: String,
+    foreground: bool,
+    debug: bool,
+}
+
+fn plan(args: Args) -> Result<Plan, String> {
+    let mut strs = Vec::new();
+    for o in &args.options {
+        strs.push(
+            o.to_str()
+                .ok_or_else(|| format!("option string is not UTF-8: {o:?}"))?
+                .to_string(),
+        );
+    }
+    let refs: Vec<&str> = strs.iter().map(String::as_str).collect();
+    let mut opts = options::parse_options(&refs).map_err(|e| e.to_string())?;
+    if let Some(l) = &args.layers {
+        if !opts.lowers.is_empty() {
+            return Err("give the layers once: --layers or lowerdir=, not both".into());
+        }
+        opts.lowers = options::split_layer_list("--layers", l).map_err(|e| e.to_string())?;
+    }
+    if args.upper.is_some() {
+        opts.upper = args.upper.clone();
+    }
+    if args.work.is_some() {
+        opts.work = args.work.clone();
+    }
+    opts.validate_combination().map_err(|e| e.to_string())?;
+    if opts.lowers.is_empty() && opts.upper.is_none() {
+        return Err("no layers given: use --layers TOP:...:BASE or -o lowerdir=...".into());
+    }
+    if opts.xattr_permissions.is_some_and(|x| x != 0) {
+        return Err("option 'xattr_permissions' is not implemented yet".into());
+    }
+    let (source, mountpoint) = match args.positional.as_slice() {
+        [m] => ("unionmount".to_string(), m.clone()),
+        [s, m] => (s.display().to_string(), m.clone()),
+        _ => return Err("expected [SOURCE] MOUNTPOINT".into()),
+    };
+    match std::fs::metadata(&mountpoint) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(format!(
+                "mountpoint {}: not a directory",
+                mountpoint.display()
+            ));
+        }
+        Err(e) => {
+            return Err(format!(
+                "mountpoint {}: {}",
+                mountpoint.display(),
+                short(&e)
+            ));
+        }
+    }
+    if opts.read_only && opts.upper.is_some() {
+        // `ro` with an upper: mount read-only, never touch the upper.
+        opts.upper = None;
+        opts.work = None;
+    }
+    Ok(Plan {
+        opts,
+        mountpoint,
+        source,
+        foreground: args.foreground || args.debug,
+        debug: args.debug,
+    })
+}
+
+fn short(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => "no such directory".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn fuse_config(p: &Plan, root: bool) -> fuser::Config {
+    use fuser::MountOption as M;
+    let o = &p.opts;
+    let mut mo = vec![
+        M::FSName(p.source.clone()),
+        M::Subtype("unionmount".into()),
+        M::DefaultPermissions,
+    ];
+    if o.read_only || o.upper.is_none() {
+        mo.push(M::RO);
+    }
+    // As root, a container rootfs needs suid and dev unless told otherwise.
+    mo.push(if o.dev.unwrap_or(root) {
+        M::Dev
+    } else {
+        M::NoDev
+    });
+    mo.push(if o.suid.unwrap_or(root) {
+        M::Suid
+    } else {
+        M::NoSuid
+    });
+    if o.exec == Some(false) {
+        mo.push(M::NoExec);
+    }
+    if o.noatime {
+        mo.push(M::NoAtime);
+    }
+    let mut c = fuser::Config::default();
+    c.mount_options = mo;
+    c.acl = if root || o.allow_other {
+        fuser::SessionACL::All
+    } else if o.allow_root {
+        fuser::SessionACL::RootAndOwner
+    } else {
+        fuser::SessionACL::Owner
+    };
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    c.n_threads = Some((cpus * 2).max(4));
+    c.clone_fd = true;
+    c
+}
+
+pub fn main() -> i32 {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return 0;
+            }
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("bad arguments");
+            eprintln!("unionmount: {}", line.trim_start_matches("error: "));
+            return 2;
+        }
+    };
+    let plan = match plan(args) {
+        Ok(p) => p,
+        Err(msg) => {
+            eprintln!("unionmount: {msg}");
+            return 1;
+        }
+    };
+    let level = if plan.debug { "debug" } else { "warn" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_millis()
+        .init();
+    sys::set_umask(0);
+    sys::raise_nofile();
+    let union = match Union::new(&plan.opts) {
+        Ok(u) => u,
+        Err(msg) => {
+            eprintln!("unionmount: {msg}");
+            return 1;
+        }
+    };
+    let fs = UnionFs {
+        union,
+        max_write: plan.opts.max_write.unwrap_or(1 << 20),
+    };
+    if plan.foreground {
+        return serve(fs, &plan, None);
+    }
+    let (rd, wr) = match sys::pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("unionmount: pipe: {e}");
+            return 1;
+        }
+    };
+    match sys::fork() {
+        Err(e) => {
+            eprintln!("unionmount: fork: {e}");
+            1
+        }
+        Ok(sys::Forked::Parent(_)) => {
+            drop(wr);
+            let mut msg = String::new();
+            let _ = std::fs::File::from(rd).read_to_string(&mut msg);
+            match msg.strip_prefix("ok") {
+                Some(_) => 0,
+                None if msg.is_empty() => {
+                    eprintln!("unionmount: the daemon exited before the mount was ready");
+                    1
+                }
+                None => {
+                    eprintln!("unionmount: {}", msg.trim_end());
+                    1
+                }
+            }
+        }
+        Ok(sys::Forked::Child) => {
+            drop(rd);
+            let _ = sys::setsid();
+            serve(fs, &plan, Some(wr))
+        }
+    }
+}
+
+/// Mounts, reports readiness on `ready` (daemon mode), then serves until unmounted.
+fn serve(fs: UnionFs, plan: &Plan, ready: Option<OwnedFd>) -> i32 {
+    let root = sys::geteuid() == 0;
+    let config = fuse_config(plan, root);
+    if let Err(e) = sys::block_term_signals() {
+        log::warn!("cannot block signals: {e}");
+    }
+    let session = match fuser::Session::new(fs, &plan.mountpoint, &config) {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("mount on {} failed: {e}", plan.mountpoint.display());
+            match ready {
+                Some(w) => {
+                    let _ = std::fs::File::from(w).write_all(msg.as_bytes());
+                }
+                None => eprintln!("unionmount: {msg}"),
+            }
+            return 1;
+        }
+    };
+    let mnt = plan.mountpoint.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = sys::wait_signal();
+            log::info!("signal {sig}: unmounting {}", mnt.display());
+            unmount(&mnt, root);
+        })
+        .ok();
+    if let Some(w) = ready {
+        let _ = std::fs::File::from(w).write_all(b"ok");
+        if let Err(e) = sys::detach_stdio() {
+            log::warn!("cannot detach stdio: {e}");
+        }
+    }
+    match session.run() {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!("session ended: {e}");
+            1
+        }
+    }
+}
+
+/// Unmounts, lazily when busy.
+fn unmount(mnt: &Path, root: bool) {
+    if root {
+        if sys::umount2(mnt, 0).is_err()
+            && let Err(e) = sys::umount2(mnt, libc::MNT_DETACH)
+        {
+            log::error!("umount {}: {e}", mnt.display());
+        }
+    } else {
+        let ok = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            log::error!("fusermount3 -u -z {} failed", mnt.display());
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! unionmount: a userspace (FUSE) union filesystem with overlayfs semantics, for container
+//! images. Data flows one way: CLI → options → layers → union → FUSE adapter.
+
+pub mod cli;
+pub mod fuse;
+pub mod layer;
+pub mod options;
+pub mod sys;
+pub mod union;

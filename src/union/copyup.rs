@@ -1,0 +1,313 @@
+//! Copy-up: bring a lower object into the upper (DESIGN 2.3).
+//!
+//! The copy is built under `WORKDIR/work` (same filesystem as the upper) with its data,
+//! xattrs (minus overlay-private ones), owner, then mode (so setuid/setgid survive the
+//! chown), then times, and renamed into place with RENAME_NOREPLACE: a crash never leaves a
+//! partial object under the upper, and leftovers in the workdir are removed at mount.
+//! Holes stay holes (SEEK_DATA/SEEK_HOLE + copy_file_range, FICLONE first).
+//!
+//! Lock order: parent's `copy_lock` before the child's (parents are copied first, and the
+//! parent's lock is released before the child's is taken).
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use nix::fcntl::{AtFlags, OFlag, RenameFlags};
+use nix::sys::stat::{FileStat, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+
+use super::node::{Node, ROOT_ID};
+use super::{Union, err, nix_err};
+use crate::layer::{file_type, open_at, stat_at};
+use crate::sys::{self, XTarget};
+
+/// What a copy-up must bring along.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Data {
+    /// The file's bytes (open for write, truncate to a non-zero size, link, rename, ...).
+    All,
+    /// No bytes: the caller is about to truncate to zero (O_TRUNC, truncate(0)).
+    None,
+}
+
+impl Union {
+    /// Makes sure `node` lives in the upper, copying it (and its parents) up if not.
+    pub fn copy_up(&self, node: &Node, data: Data) -> io::Result<()> {
+        if !self.has_upper {
+            return Err(err(libc::EROFS));
+        }
+        if self.is_upper(node.top_layer()) {
+            return Ok(());
+        }
+        if node.id == ROOT_ID {
+            // The upper root always exists.
+            return Ok(());
+        }
+        let (pid, name) = node.primary().ok_or_else(|| err(libc::ENOENT))?;
+        let parent = self.nodes.get(pid)?;
+        self.copy_up(&parent, Data::All)?;
+
+        let _guard = node.copy_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let li = node.top_layer();
+        if self.is_upper(li) {
+            return Ok(());
+        }
+        let lower_dir = self.dir_in(&parent, li)?;
+        let upper_dir = self.dir_in(&parent, 0)?;
+        let st = stat_at(lower_dir.as_fd(), &name)?;
+        let work = self.work()?;
+        let tmp = self.tmp_name();
+        let res = self
+            .build_copy(lower_dir.as_fd(), &name, &st, work, &tmp, data)
+            .and_then(|()| {
+                nix::fcntl::renameat2(
+                    work,
+                    tmp.as_os_str(),
+                    upper_dir.as_fd(),
+                    name.as_os_str(),
+                    RenameFlags::RENAME_NOREPLACE,
+                )
+                .map_err(nix_err)
+            });
+        if let Err(e) = res {
+            let _ = super::remove_tree_at(work, &tmp);
+            log::warn!(
+                "copy-up of {} from {} failed: {e}",
+                super::show(&name),
+                self.layers[li].path.display()
+            );
+            return Err(e);
+        }
+        let ust = stat_at(upper_dir.as_fd(), &name)?;
+        self.nodes.set_upper(node, crate::layer::RealId::of(&ust));
+        let others: Vec<_> = {
+            let mut state = node.write();
+            if node.is_dir() {
+                state.layers.insert(0, 0);
+            } else {
+                state.layers = vec![0];
+            }
+            state.aliases.iter().skip(1).cloned().collect()
+        };
+        // Other names of the same lower inode that the kernel knows: link them in the
+        // upper too, so the upper matches what the mount shows for them.
+        for (p, n) in others {
+            if let Ok(pn) = self.nodes.get(p)
+                && let Err(e) = self.link_up_alias(node, &pn, &n)
+            {
+                log::warn!(
+                    "copy-up: linking {} into the upper failed: {e}",
+                    super::show(&n)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Links the name (parent, name) of an upper node into the upper, unless it is there.
+    pub(crate) fn link_up_alias(&self, node: &Node, parent: &Node, name: &OsStr) -> io::Result<()> {
+        self.copy_up(parent, Data::All)?;
+        let udir = self.dir_in(parent, 0)?;
+        if crate::layer::try_stat_at(udir.as_fd(), name)?.is_some() {
+            return Ok(());
+        }
+        let (sdir, sname) = self.parent_in(node, 0)?;
+        nix::unistd::linkat(
+            sdir.as_fd(),
+            sname.as_os_str(),
+            udir.as_fd(),
+            name,
+            AtFlags::empty(),
+        )
+        .map_err(nix_err)
+    }
+
+    fn build_copy(
+        &self,
+        src_dir: BorrowedFd,
+        name: &OsStr,
+        st: &FileStat,
+        work: BorrowedFd,
+        tmp: &OsStr,
+        data: Data,
+    ) -> io::Result<()> {
+        match file_type(st) {
+            libc::S_IFREG => {
+                let src = open_at(src_dir, name, OFlag::O_RDONLY, 0)?;
+                let dst = open_at(
+                    work,
+                    tmp,
+                    OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
+                    0o600,
+                )?;
+                if data == Data::All {
+                    copy_data(src.as_fd(), dst.as_fd(), st.st_size as u64)?;
+                }
+                if self.behaviour.fsync {
+                    // Durable before it becomes visible; the rename is the commit point.
+                    nix::unistd::fsync(&dst).map_err(nix_err)?;
+                }
+            }
+            libc::S_IFDIR => nix::sys::stat::mkdirat(work, tmp, Mode::from_bits_truncate(0o700))
+                .map_err(nix_err)?,
+            libc::S_IFLNK => {
+                let target = nix::fcntl::readlinkat(src_dir, name).map_err(nix_err)?;
+                nix::unistd::symlinkat(target.as_os_str(), work, tmp).map_err(nix_err)?;
+            }
+            t => {
+                let kind = SFlag::from_bits_truncate(t);
+                nix::sys::stat::mknodat(
+                    work,
+                    tmp,
+                    kind,
+                    Mode::from_bits_truncate(0o600),
+                    st.st_rdev,
+                )
+                .map_err(nix_err)?;
+            }
+        }
+        copy_xattrs(XTarget::At(src_dir, name), XTarget::At(work, tmp))?;
+        let perm = (file_type(st) != libc::S_IFLNK).then_some(st.st_mode & 0o7777);
+        self.set_owner_mode(work, tmp, st.st_uid, st.st_gid, perm)?;
+        let times = [
+            TimeSpec::new(st.st_atime, st.st_atime_nsec),
+            TimeSpec::new(st.st_mtime, st.st_mtime_nsec),
+        ];
+        nix::sys::stat::utimensat(
+            work,
+            tmp,
+            &times[0],
+            &times[1],
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(nix_err)
+    }
+}
+
+/// Is this xattr one of the overlay's own (never copied, never shown)? Escaped user names
+/// (`trusted.overlay.overlay.*`) are user data and do travel.
+pub fn is_private_xattr(name: &[u8]) -> bool {
+    for p in [&b"trusted.overlay."[..], b"user.overlay."] {
+        if let Some(rest) = name.strip_prefix(p) {
+            return !rest.starts_with(b"overlay.");
+        }
+    }
+    name.starts_with(b"user.fuseoverlayfs.") || name.starts_with(b"user.unionmount.")
+}
+
+fn copy_xattrs(src: XTarget, dst: XTarget) -> io::Result<()> {
+    let names = match sys::listxattr(src) {
+        Ok(n) => n,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP) | Some(libc::EPERM)) => {
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        if is_private_xattr(name) {
+            continue;
+        }
+        let Some(value) = sys::getxattr_vec(src, name)? else {
+            continue;
+        };
+        match sys::setxattr(dst, name, &value, 0) {
+            Ok(()) => {}
+            // The upper's filesystem cannot hold it (e.g. no user.* on a symlink): skip,
+            // as overlayfs does for EOPNOTSUPP.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP) | Some(libc::EPERM)) => {
+                log::debug!(
+                    "copy-up: skipping xattr {}: {e}",
+                    String::from_utf8_lossy(name)
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Copies `len` bytes keeping holes: a reflink when the filesystem can, else each data
+/// segment with copy_file_range (read/write as the last resort), then sets the size.
+pub fn copy_data(src: BorrowedFd, dst: BorrowedFd, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    if sys::ficlone(dst, src).is_ok() {
+        return Ok(());
+    }
+    let mut pos: i64 = 0;
+    let end = len as i64;
+    while pos < end {
+        let data = match sys::lseek(src, pos, libc::SEEK_DATA) {
+            Ok(d) => d,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => pos, // no hole support
+            Err(e) => return Err(e),
+        };
+        let hole = match sys::lseek(src, data, libc::SEEK_HOLE) {
+            Ok(h) => h.min(end),
+            Err(_) => end,
+        };
+        copy_range(src, dst, data, hole - data)?;
+        pos = hole;
+    }
+    nix::unistd::ftruncate(dst, end).map_err(nix_err)
+}
+
+fn copy_range(src: BorrowedFd, dst: BorrowedFd, off: i64, len: i64) -> io::Result<()> {
+    let (mut off_in, mut off_out) = (off, off);
+    let mut left = len as usize;
+    while left > 0 {
+        match nix::fcntl::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), left) {
+            Ok(0) => break,
+            Ok(n) => left -= n,
+            Err(nix::Error::EXDEV) | Err(nix::Error::EINVAL) | Err(nix::Error::EOPNOTSUPP) => {
+                return copy_range_rw(src, dst, off_in, left);
+            }
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(nix_err(e)),
+        }
+    }
+    Ok(())
+}
+
+fn copy_range_rw(
+    src: BorrowedFd,
+    dst: BorrowedFd,
+    mut off: i64,
+    mut left: usize,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let want = left.min(buf.len());
+        let n = nix::sys::uio::pread(src, &mut buf[..want], off).map_err(nix_err)?;
+        if n == 0 {
+            break;
+        }
+        let mut done = 0;
+        while done < n {
+            done +=
+                nix::sys::uio::pwrite(dst, &buf[done..n], off + done as i64).map_err(nix_err)?;
+        }
+        off += n as i64;
+        left -= n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_xattrs() {
+        assert!(is_private_xattr(b"trusted.overlay.opaque"));
+        assert!(is_private_xattr(b"user.overlay.origin"));
+        assert!(is_private_xattr(b"user.fuseoverlayfs.opaque"));
+        assert!(is_private_xattr(b"user.unionmount.x"));
+        assert!(!is_private_xattr(b"trusted.overlay.overlay.foo"));
+        assert!(!is_private_xattr(b"user.foo"));
+        assert!(!is_private_xattr(b"security.capability"));
+    }
+}

@@ -1,0 +1,317 @@
+//! Open files and directories: handles, data I/O, and directory snapshots.
+//!
+//! A handle owns one real fd. A read-only open of a lower file reads the lower file until
+//! the node is copied up (by another open for write); from then on the handle re-opens the
+//! upper copy, so every reader sees the data writers wrote (as overlayfs since 4.19).
+//! A writable open always copies up first: a lower file never backs a writable handle.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use nix::fcntl::OFlag;
+
+use super::copyup::Data;
+use super::node::{Node, NodeId};
+use super::readdir::{self, DirEntry};
+use super::{Ctx, Union, err, nix_err};
+
+pub struct Handle {
+    pub node: Arc<Node>,
+    file: RwLock<Arc<File>>,
+    upper: AtomicBool,
+    flags: i32,
+}
+
+impl Handle {
+    pub fn file(&self) -> Arc<File> {
+        self.file.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn is_upper(&self) -> bool {
+        self.upper.load(Ordering::Acquire)
+    }
+}
+
+fn writable(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+}
+
+impl Union {
+    /// Opens the node's top object as a real fd with the caller's flags.
+    fn open_real(&self, node: &Node, li: usize, flags: i32) -> io::Result<OwnedFd> {
+        let keep = libc::O_ACCMODE
+            | libc::O_APPEND
+            | libc::O_TRUNC
+            | libc::O_NONBLOCK
+            | libc::O_SYNC
+            | libc::O_DSYNC
+            | libc::O_NOATIME;
+        let mut of = OFlag::from_bits_truncate(flags & keep);
+        if node.is_dir() {
+            of |= OFlag::O_DIRECTORY;
+        }
+        let path = self.path_of(node)?;
+        match self.layers[li].open_rel(&path, of, 0) {
+            // O_NOATIME is refused for files the caller does not own: drop it, as it is only
+            // an optimisation.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) && flags & libc::O_NOATIME != 0 => {
+                self.layers[li].open_rel(&path, of & !OFlag::O_NOATIME, 0)
+            }
+            r => r,
+        }
+    }
+
+    pub fn open(&self, _ctx: &Ctx, ino: NodeId, flags: i32) -> io::Result<u64> {
+        let node = self.nodes.get(ino)?;
+        if node.kind != libc::S_IFREG {
+            return Err(err(libc::EINVAL));
+        }
+        let w = writable(flags);
+        if w {
+            let data = if flags & libc::O_TRUNC != 0 {
+                Data::None
+            } else {
+                Data::All
+            };
+            self.copy_up(&node, data)?;
+        }
+        let li = node.top_layer();
+        let fd = self.open_real(&node, li, flags)?;
+        Ok(self.add_handle(node, fd, li, flags))
+    }
+
+    /// Registers an open fd as a handle.
+    pub(crate) fn add_handle(&self, node: Arc<Node>, fd: OwnedFd, li: usize, flags: i32) -> u64 {
+        let fh = self.new_fh();
+        self.handles.insert(
+            fh,
+            Arc::new(Handle {
+                node,
+                file: RwLock::new(Arc::new(File::from(fd))),
+                upper: AtomicBool::new(self.is_upper(li)),
+                flags,
+            }),
+        );
+        fh
+    }
+
+    fn handle(&self, fh: u64) -> io::Result<Arc<Handle>> {
+        self.handles
+            .get(&fh)
+            .map(|h| h.clone())
+            .ok_or_else(|| err(libc::EBADF))
+    }
+
+    /// The handle's current file: re-opened from the upper if the node was copied up since.
+    fn current_file(&self, h: &Handle) -> io::Result<Arc<File>> {
+        if !h.is_upper() && self.is_upper(h.node.top_layer()) {
+            let fd = self.open_real(&h.node, 0, h.flags & !libc::O_TRUNC)?;
+            let f = Arc::new(File::from(fd));
+            *h.file.write().unwrap_or_else(|e| e.into_inner()) = f.clone();
+            h.upper.store(true, Ordering::Release);
+            return Ok(f);
+        }
+        Ok(h.file())
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> io::Result<Vec<u8>> {
+        let h = self.handle(fh)?;
+        let f = self.current_file(&h)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match f.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> io::Result<u32> {
+        let h = self.handle(fh)?;
+        if !h.is_upper() {
+            return Err(err(libc::EBADF));
+        }
+        let f = h.file();
+        let mut done = 0;
+        while done < data.len() {
+            match f.write_at(&data[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if done > 0 => {
+                    log::debug!("short write: {e}");
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done as u32)
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.remove(&fh);
+    }
+
+    pub fn fsync(&self, fh: u64, datasync: bool) -> io::Result<()> {
+        let h = self.handle(fh)?;
+        if !self.behaviour.fsync || !h.is_upper() {
+            return Ok(());
+        }
+        let f = h.file();
+        if datasync {
+            f.sync_data()
+        } else {
+            f.sync_all()
+        }
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> io::Result<()> {
+        let h = self.handle(fh)?;
+        if !h.is_upper() {
+            return Err(err(libc::EBADF));
+        }
+        nix::fcntl::fallocate(
+            h.file().as_fd(),
+            nix::fcntl::FallocateFlags::from_bits_truncate(mode),
+            offset as i64,
+            len as i64,
+        )
+        .map_err(nix_err)
+    }
+
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> io::Result<i64> {
+        let h = self.handle(fh)?;
+        let f = self.current_file(&h)?;
+        crate::sys::lseek(f.as_fd(), offset, whence)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> io::Result<u32> {
+        let hi = self.handle(fh_in)?;
+        let ho = self.handle(fh_out)?;
+        if !ho.is_upper() {
+            return Err(err(libc::EBADF));
+        }
+        let fi = self.current_file(&hi)?;
+        let fo = ho.file();
+        let (mut a, mut b) = (off_in as i64, off_out as i64);
+        let want = len.min(u32::MAX as u64 & !0xfff) as usize;
+        let n =
+            nix::fcntl::copy_file_range(fi.as_fd(), Some(&mut a), fo.as_fd(), Some(&mut b), want)
+                .map_err(nix_err)?;
+        Ok(n as u32)
+    }
+
+    pub fn fsyncdir(&self, ino: NodeId) -> io::Result<()> {
+        let node = self.nodes.get(ino)?;
+        if !self.behaviour.fsync || !self.is_upper(node.top_layer()) {
+            return Ok(());
+        }
+        let fd = self.dir_in(&node, 0)?;
+        nix::unistd::fsync(&fd).map_err(nix_err)
+    }
+
+    // ----- directories -----
+
+    /// Builds the merged listing once; readdir serves it by offset.
+    pub fn opendir(&self, ino: NodeId) -> io::Result<u64> {
+        let node = self.nodes.get(ino)?;
+        if !node.is_dir() {
+            return Err(err(libc::ENOTDIR));
+        }
+        let path = self.path_of(&node)?;
+        let mut dirs = Vec::new();
+        for li in node.layers() {
+            dirs.push((&self.layers[li], self.layers[li].open_dir(&path)?));
+        }
+        let mut entries = Vec::with_capacity(64);
+        let parent_ino = match node.primary() {
+            Some((p, _)) => self.nodes.get(p).map(|p| p.ino).unwrap_or(1),
+            None => node.ino,
+        };
+        entries.push(DirEntry {
+            name: ".".into(),
+            ino: node.ino,
+            kind: libc::S_IFDIR,
+        });
+        entries.push(DirEntry {
+            name: "..".into(),
+            ino: parent_ino,
+            kind: libc::S_IFDIR,
+        });
+        entries.extend(readdir::merge(&dirs, &self.nodes.inos)?);
+        let fh = self.new_fh();
+        self.dirs.insert(fh, Arc::new(entries));
+        Ok(fh)
+    }
+
+    pub fn dir_entries(&self, fh: u64) -> io::Result<Arc<Vec<DirEntry>>> {
+        self.dirs
+            .get(&fh)
+            .map(|d| d.clone())
+            .ok_or_else(|| err(libc::EBADF))
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.remove(&fh);
+    }
+
+    /// create(2) with O_CREAT: make the file, then open it.
+    pub fn create(
+        &self,
+        ctx: &Ctx,
+        parent: NodeId,
+        name: &std::ffi::OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> io::Result<(Arc<Node>, super::Attr, u64)> {
+        let (node, attr, fd) = self.create_object(
+            ctx,
+            parent,
+            name,
+            super::names::NewObject::File {
+                perm: mode & 0o7777,
+            },
+        )?;
+        let fd = match fd {
+            Some(fd) => fd,
+            None => self.open_real(&node, 0, flags & !libc::O_TRUNC)?,
+        };
+        let fh = self.add_handle(node.clone(), fd, 0, flags);
+        Ok((node, attr, fh))
+    }
+}
+
+impl Union {
+    pub fn readlink(&self, ino: NodeId) -> io::Result<Vec<u8>> {
+        use std::os::unix::ffi::OsStrExt;
+        let node = self.nodes.get(ino)?;
+        if node.kind != libc::S_IFLNK {
+            return Err(err(libc::EINVAL));
+        }
+        let (dir, name) = self.parent_in(&node, node.top_layer())?;
+        let t = nix::fcntl::readlinkat(dir.as_fd(), name.as_os_str()).map_err(nix_err)?;
+        Ok(t.as_bytes().to_vec())
+    }
+
+    /// statfs of the upper (of the top layer when read-only).
+    pub fn statfs(&self) -> io::Result<nix::sys::statvfs::Statvfs> {
+        nix::sys::statvfs::fstatvfs(self.layers[0].root()).map_err(nix_err)
+    }
+}

@@ -1,0 +1,603 @@
+//! The union: overlayfs semantics over a stack of layers, independent of FUSE.
+//!
+//! Every operation is a `do_*`-style method returning `io::Result`, callable without a
+//! mount. Layer 0 is the upper when the union is writable; lowers follow, top first.
+//!
+//! Invariants:
+//! - lookup is a function of the layers' contents: a node's cached `layers` are changed only
+//!   by this module's own mutations of the upper, in the same call that changes the upper;
+//! - the upper is only changed through `*at` calls on directory fds opened beneath its root;
+//!   objects are built in the workdir and renamed into place when atomicity matters;
+//! - no lock is held across I/O except a node's `copy_lock` during its own copy-up.
+
+pub mod copyup;
+pub mod file;
+pub mod names;
+pub mod node;
+pub mod readdir;
+pub mod whiteout;
+pub mod xattr;
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use nix::sys::stat::FileStat;
+
+use crate::layer::{Layer, LayerIdx, RealId, check_name, is_dir, open_at, try_stat_at};
+use crate::options::{IdMap, MountOptions};
+use node::{Found, Node, NodeId, NodeTable};
+use whiteout::{MarkerWriter, oci_name};
+
+pub fn err(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+pub fn nix_err(e: nix::Error) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+/// Who is asking (from the FUSE request header).
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// A stat result as the union reports it: `st_ino` already replaced by ours.
+pub type Attr = FileStat;
+
+/// Settings that change what the union reports or how it writes.
+#[derive(Debug, Clone, Default)]
+pub struct Behaviour {
+    /// fsync/fdatasync reach the upper filesystem (false with `volatile` or `fsync=0`).
+    pub fsync: bool,
+    pub static_nlink: bool,
+    pub noxattrs: bool,
+    pub squash_uid: Option<u32>,
+    pub squash_gid: Option<u32>,
+    pub uid_map: Vec<IdMap>,
+    pub gid_map: Vec<IdMap>,
+}
+
+pub struct Union {
+    pub layers: Vec<Layer>,
+    pub has_upper: bool,
+    /// `WORKDIR/work`: staging area on the upper's filesystem.
+    work: Option<OwnedFd>,
+    pub nodes: NodeTable,
+    pub(crate) handles: DashMap<u64, Arc<file::Handle>>,
+    pub(crate) dirs: DashMap<u64, Arc<Vec<readdir::DirEntry>>>,
+    next_fh: AtomicU64,
+    tmp_seq: AtomicU64,
+    pub markers: MarkerWriter,
+    pub behaviour: Behaviour,
+    /// f_namemax reported by statfs: the upper's minus 4, so `.wh.NAME` always fits.
+    pub namemax: u32,
+    /// The daemon may chown (runs as root).
+    can_chown: bool,
+}
+
+/// Whether (parent, name) is taken in the upper, and by what.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct UpperSlot {
+    /// A whiteout (char dev or xattr dialect) sits at the name.
+    whiteout: bool,
+    /// `.wh.NAME` exists next to it.
+    oci_whiteout: bool,
+}
+
+impl Union {
+    /// Opens every layer and prepares the workdir. Errors are one line naming the culprit;
+    /// nothing is written before every check has passed.
+    pub fn new(opts: &MountOptions) -> Result<Union, String> {
+        let mut layers = Vec::new();
+        let has_upper = opts.upper.is_some();
+        if let Some(u) = &opts.upper {
+            layers.push(Layer::open(u).map_err(|e| format!("upperdir {e}"))?);
+        }
+        for l in &opts.lowers {
+            layers.push(Layer::open(l).map_err(|e| format!("lowerdir {e}"))?);
+        }
+        if layers.is_empty() {
+            return Err("no layers given (need lowerdir=... or --layers)".into());
+        }
+        let mut work = None;
+        let mut xattr_ns = "user.";
+        if let Some(w) = &opts.work {
+            let wl = Layer::open(w).map_err(|e| format!("workdir {e}"))?;
+            if wl.dev != layers[0].dev {
+                return Err(format!(
+                    "workdir {} is on a different filesystem than upperdir {}",
+                    w.display(),
+                    layers[0].path.display()
+                ));
+            }
+            let wfd = prepare_workdir(&wl).map_err(|e| format!("workdir {}: {e}", w.display()))?;
+            xattr_ns = probe_xattr_ns(wfd.as_fd());
+            work = Some(wfd);
+        } else if has_upper {
+            return Err("upperdir needs a workdir".into());
+        }
+        let statfs = nix::sys::statvfs::fstatvfs(layers[0].root())
+            .map_err(|e| format!("{}: statfs: {e}", layers[0].path.display()))?;
+        let root_st = nix::sys::stat::fstat(layers[0].root())
+            .map_err(|e| format!("{}: {e}", layers[0].path.display()))?;
+        let root_layers = (0..layers.len()).collect();
+        let can_chown = crate::sys::geteuid() == 0;
+        Ok(Union {
+            nodes: NodeTable::new(root_layers, RealId::of(&root_st)),
+            layers,
+            has_upper,
+            work,
+            handles: DashMap::new(),
+            dirs: DashMap::new(),
+            next_fh: AtomicU64::new(1),
+            tmp_seq: AtomicU64::new(0),
+            markers: MarkerWriter {
+                xattr_ns,
+                chardev: AtomicBool::new(true),
+            },
+            behaviour: Behaviour {
+                fsync: opts.fsync && !opts.volatile,
+                static_nlink: opts.static_nlink,
+                noxattrs: opts.noxattrs,
+                squash_uid: opts.squash_to_uid.or(opts.squash_to_root.then_some(0)),
+                squash_gid: opts.squash_to_gid.or(opts.squash_to_root.then_some(0)),
+                uid_map: opts.uid_mapping.clone(),
+                gid_map: opts.gid_mapping.clone(),
+            },
+            namemax: (statfs.name_max() as u32).saturating_sub(4),
+            can_chown,
+        })
+    }
+
+    pub fn is_upper(&self, li: LayerIdx) -> bool {
+        self.has_upper && li == 0
+    }
+
+    fn work(&self) -> io::Result<BorrowedFd<'_>> {
+        self.work
+            .as_ref()
+            .map(|w| w.as_fd())
+            .ok_or_else(|| err(libc::EROFS))
+    }
+
+    fn tmp_name(&self) -> OsString {
+        OsString::from(format!(
+            "#{:x}.{:x}",
+            std::process::id(),
+            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    pub fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn path_of(&self, node: &Node) -> io::Result<PathBuf> {
+        self.nodes.path_of(node)
+    }
+
+    /// A directory node opened in layer `li`.
+    pub(crate) fn dir_in(&self, dir: &Node, li: LayerIdx) -> io::Result<OwnedFd> {
+        self.layers[li].open_dir(&self.path_of(dir)?)
+    }
+
+    /// The parent directory of `node` opened in layer `li`, and the node's name in it.
+    /// For the root: the root itself and ".".
+    pub(crate) fn parent_in(&self, node: &Node, li: LayerIdx) -> io::Result<(OwnedFd, OsString)> {
+        match node.primary() {
+            None if node.id == node::ROOT_ID => Ok((
+                self.layers[li].open_dir(Path::new("."))?,
+                OsString::from("."),
+            )),
+            None => Err(err(libc::ENOENT)),
+            Some((p, name)) => {
+                let parent = self.nodes.get(p)?;
+                Ok((self.dir_in(&parent, li)?, name))
+            }
+        }
+    }
+
+    fn check_new_name(&self, name: &OsStr) -> io::Result<()> {
+        check_name(name)?;
+        if name.len() > self.namemax as usize {
+            return Err(err(libc::ENAMETOOLONG));
+        }
+        if whiteout::is_reserved_name(name) {
+            // `.wh.` names are whiteouts in every layer format we read: refuse to make one.
+            return Err(err(libc::EINVAL));
+        }
+        Ok(())
+    }
+
+    // ----- lookup -----
+
+    /// Resolves `name` in directory `parent` across its layers (DESIGN 2.1).
+    pub fn resolve(&self, parent: &Node, name: &OsStr) -> io::Result<Option<(Found, FileStat)>> {
+        let ppath = self.path_of(parent)?;
+        let mut found: Option<(Found, FileStat)> = None;
+        for li in parent.layers() {
+            let layer = &self.layers[li];
+            let dir = match layer.open_dir(&ppath) {
+                Ok(d) => d,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let dfd = dir.as_fd();
+            if let Some(st) = try_stat_at(dfd, name)? {
+                if self.entry_is_whiteout(dfd, name, &st)? {
+                    break;
+                }
+                let d = is_dir(&st);
+                match &mut found {
+                    None => {
+                        found = Some((
+                            Found {
+                                kind: crate::layer::file_type(&st),
+                                layers: vec![li],
+                                real: RealId::of(&st),
+                            },
+                            st,
+                        ));
+                        if !d || child_opaque(dfd, name)? {
+                            break;
+                        }
+                    }
+                    Some((f, _)) => {
+                        if f.kind == libc::S_IFDIR && d {
+                            f.layers.push(li);
+                            if child_opaque(dfd, name)? {
+                                break;
+                            }
+                        } else {
+                            break;
+                        }
+                    }
+                }
+            }
+            if try_stat_at(dfd, &oci_name(name))?.is_some() {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
+    fn entry_is_whiteout(&self, dir: BorrowedFd, name: &OsStr, st: &FileStat) -> io::Result<bool> {
+        if whiteout::is_chardev_whiteout(st) {
+            return Ok(true);
+        }
+        if crate::layer::file_type(st) == libc::S_IFREG && st.st_size == 0 {
+            let marks = whiteout::dir_marks(dir)?;
+            return whiteout::is_whiteout(dir, &marks, name, st);
+        }
+        Ok(false)
+    }
+
+    /// Would removing the upper entry at (parent, name) expose something from a lower layer?
+    /// (overlayfs' "lower positive": decides whether a whiteout must be left.)
+    pub fn lower_positive(&self, parent: &Node, name: &OsStr) -> io::Result<bool> {
+        let ppath = self.path_of(parent)?;
+        for li in parent.layers() {
+            let dir = match self.layers[li].open_dir(&ppath) {
+                Ok(d) => d,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let dfd = dir.as_fd();
+            if !self.is_upper(li)
+                && let Some(st) = try_stat_at(dfd, name)?
+            {
+                return Ok(!self.entry_is_whiteout(dfd, name, &st)?);
+            }
+            if try_stat_at(dfd, &oci_name(name))?.is_some() {
+                return Ok(false);
+            }
+        }
+        Ok(false)
+    }
+
+    /// FUSE lookup: finds (parent, name) and counts one kernel reference on the result.
+    pub fn lookup(&self, parent: NodeId, name: &OsStr) -> io::Result<(Arc<Node>, Attr)> {
+        check_name(name)?;
+        if name.len() > self.namemax as usize {
+            return Err(err(libc::ENAMETOOLONG));
+        }
+        if whiteout::is_reserved_name(name) {
+            return Err(err(libc::ENOENT));
+        }
+        let pnode = self.nodes.get(parent)?;
+        if !pnode.is_dir() {
+            return Err(err(libc::ENOTDIR));
+        }
+        if let Some(n) = self.nodes.touch(parent, &name.to_os_string()) {
+            return match self.getattr(&n) {
+                Ok(attr) => Ok((n, attr)),
+                Err(e) => {
+                    self.nodes.forget(n.id, 1);
+                    Err(e)
+                }
+            };
+        }
+        let (found, st) = self
+            .resolve(&pnode, name)?
+            .ok_or_else(|| err(libc::ENOENT))?;
+        let upper = self.is_upper(found.layers[0]);
+        let node = self.nodes.bind(parent, name.to_os_string(), found, upper);
+        if !upper && self.is_upper(node.top_layer()) {
+            // A hard link whose sibling was copied up: the node is upper now, so this name
+            // is linked into the upper too (and its attributes come from there).
+            self.link_up_alias(&node, &pnode, name)?;
+            return Ok((node.clone(), self.getattr(&node)?));
+        }
+        let attr = self.finish_attr(&node, st);
+        Ok((node, attr))
+    }
+
+    /// The node bound to (parent, name) if the kernel holds one, else a fresh resolve that
+    /// is NOT counted as a kernel reference (for unlink, rename, ...).
+    pub(crate) fn child_node(&self, parent: &Node, name: &OsStr) -> io::Result<Option<ChildRef>> {
+        if let Some(n) = self.nodes.child(parent.id, &name.to_os_string()) {
+            return Ok(Some(ChildRef::Bound(n)));
+        }
+        Ok(self
+            .resolve(parent, name)?
+            .map(|(f, _)| ChildRef::Unbound(f)))
+    }
+
+    // ----- attributes -----
+
+    fn finish_attr(&self, node: &Node, mut st: FileStat) -> Attr {
+        st.st_ino = node.ino;
+        if node.is_dir() && (self.behaviour.static_nlink || node.read().layers.len() > 1) {
+            // overlayfs reports nlink 1 for merged directories (the count is unknowable).
+            st.st_nlink = 1;
+        }
+        self.map_ids_out(&mut st);
+        st
+    }
+
+    fn map_ids_out(&self, st: &mut FileStat) {
+        let b = &self.behaviour;
+        st.st_uid = map_out(&b.uid_map, st.st_uid);
+        st.st_gid = map_out(&b.gid_map, st.st_gid);
+        if let Some(u) = b.squash_uid {
+            st.st_uid = u;
+        }
+        if let Some(g) = b.squash_gid {
+            st.st_gid = g;
+        }
+    }
+
+    pub(crate) fn uid_in(&self, uid: u32) -> u32 {
+        map_in(&self.behaviour.uid_map, uid)
+    }
+
+    pub(crate) fn gid_in(&self, gid: u32) -> u32 {
+        map_in(&self.behaviour.gid_map, gid)
+    }
+
+    /// The raw stat of a node's top object (ids as stored).
+    pub fn stat_raw(&self, node: &Node) -> io::Result<FileStat> {
+        let li = node.top_layer();
+        if li == usize::MAX {
+            return Err(err(libc::ENOENT));
+        }
+        if node.id == node::ROOT_ID {
+            return nix::sys::stat::fstat(self.layers[li].root()).map_err(nix_err);
+        }
+        match self.parent_in(node, li) {
+            Ok((dir, name)) => crate::layer::stat_at(dir.as_fd(), &name),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                // Unlinked but open: answer from an open handle.
+                self.stat_open(node).ok_or(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn getattr(&self, node: &Node) -> io::Result<Attr> {
+        let st = self.stat_raw(node)?;
+        Ok(self.finish_attr(node, st))
+    }
+
+    // ----- helpers for writers -----
+
+    /// Looks at what the upper holds at (upper dir, name) before a create.
+    fn upper_slot(&self, udir: BorrowedFd, name: &OsStr) -> io::Result<UpperSlot> {
+        let mut slot = UpperSlot::default();
+        if let Some(st) = try_stat_at(udir, name)? {
+            if self.entry_is_whiteout(udir, name, &st)? {
+                slot.whiteout = true;
+            } else {
+                return Err(err(libc::EEXIST));
+            }
+        }
+        slot.oci_whiteout = try_stat_at(udir, &oci_name(name))?.is_some();
+        Ok(slot)
+    }
+
+    fn unlink_oci_whiteout(&self, udir: BorrowedFd, name: &OsStr) -> io::Result<()> {
+        match nix::unistd::unlinkat(
+            udir,
+            oci_name(name).as_os_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        ) {
+            Ok(()) | Err(nix::Error::ENOENT) => Ok(()),
+            Err(e) => Err(nix_err(e)),
+        }
+    }
+
+    /// Sets owner then mode (so setuid/setgid survive) of a fresh object.
+    fn set_owner_mode(
+        &self,
+        dir: BorrowedFd,
+        name: &OsStr,
+        uid: u32,
+        gid: u32,
+        perm: Option<u32>,
+    ) -> io::Result<()> {
+        if self.can_chown {
+            nix::unistd::fchownat(
+                dir,
+                name,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(nix_err)?;
+        }
+        if let Some(p) = perm {
+            nix::sys::stat::fchmodat(
+                dir,
+                name,
+                nix::sys::stat::Mode::from_bits_truncate(p),
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            )
+            .map_err(nix_err)?;
+        }
+        Ok(())
+    }
+
+    fn open_handles_of(&self, node: &Node) -> Option<Arc<file::Handle>> {
+        self.handles
+            .iter()
+            .find(|h| h.node.id == node.id)
+            .map(|h| h.clone())
+    }
+
+    fn stat_open(&self, node: &Node) -> Option<FileStat> {
+        let h = self.open_handles_of(node)?;
+        let f = h.file();
+        nix::sys::stat::fstat(f.as_fd()).ok()
+    }
+}
+
+/// A child found for a namespace operation.
+pub(crate) enum ChildRef {
+    Bound(Arc<Node>),
+    Unbound(Found),
+}
+
+impl ChildRef {
+    pub fn kind(&self) -> u32 {
+        match self {
+            ChildRef::Bound(n) => n.kind,
+            ChildRef::Unbound(f) => f.kind,
+        }
+    }
+    pub fn layers(&self) -> Vec<LayerIdx> {
+        match self {
+            ChildRef::Bound(n) => n.layers(),
+            ChildRef::Unbound(f) => f.layers.clone(),
+        }
+    }
+}
+
+fn child_opaque(dir: BorrowedFd, name: &OsStr) -> io::Result<bool> {
+    let fd = open_at(
+        dir,
+        name,
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
+        0,
+    )?;
+    Ok(whiteout::dir_marks(fd.as_fd())?.opaque)
+}
+
+fn map_out(map: &[IdMap], id: u32) -> u32 {
+    if map.is_empty() {
+        return id;
+    }
+    for m in map {
+        if id >= m.outside && id - m.outside < m.len {
+            return m.inside + (id - m.outside);
+        }
+    }
+    65534
+}
+
+fn map_in(map: &[IdMap], id: u32) -> u32 {
+    if map.is_empty() {
+        return id;
+    }
+    for m in map {
+        if id >= m.inside && id - m.inside < m.len {
+            return m.outside + (id - m.inside);
+        }
+    }
+    65534
+}
+
+/// Creates `WORKDIR/work` or empties it of an earlier run's leftovers.
+fn prepare_workdir(w: &Layer) -> io::Result<OwnedFd> {
+    let name = OsStr::new("work");
+    match nix::sys::stat::mkdirat(
+        w.root(),
+        name,
+        nix::sys::stat::Mode::from_bits_truncate(0o700),
+    ) {
+        Ok(()) | Err(nix::Error::EEXIST) => {}
+        Err(e) => return Err(nix_err(e)),
+    }
+    let fd = open_at(
+        w.root(),
+        name,
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
+        0,
+    )?;
+    for entry in readdir::list_names(fd.as_fd())? {
+        remove_tree_at(fd.as_fd(), &entry)?;
+    }
+    Ok(fd)
+}
+
+/// Removes `name` in `dir` and everything below it, never following symlinks.
+pub(crate) fn remove_tree_at(dir: BorrowedFd, name: &OsStr) -> io::Result<()> {
+    let st = match try_stat_at(dir, name)? {
+        Some(st) => st,
+        None => return Ok(()),
+    };
+    if is_dir(&st) {
+        let sub = open_at(
+            dir,
+            name,
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
+            0,
+        )?;
+        for child in readdir::list_names(sub.as_fd())? {
+            remove_tree_at(sub.as_fd(), &child)?;
+        }
+        nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::RemoveDir).map_err(nix_err)
+    } else {
+        nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir).map_err(nix_err)
+    }
+}
+
+/// `trusted.` when this process may write trusted xattrs on the upper's filesystem.
+fn probe_xattr_ns(work: BorrowedFd) -> &'static str {
+    use crate::sys::XTarget;
+    let probe = b"trusted.overlay.unionmount-probe";
+    match crate::sys::setxattr(XTarget::Fd(work), probe, b"1", 0) {
+        Ok(()) => {
+            let _ = crate::sys::removexattr(XTarget::Fd(work), probe);
+            "trusted."
+        }
+        Err(_) => "user.",
+    }
+}
+
+/// Bytes of an OsStr, for log lines.
+pub fn show(name: &OsStr) -> String {
+    String::from_utf8_lossy(name.as_bytes()).into_owned()
+}

@@ -1,0 +1,355 @@
+//! The inode table: FUSE node ids, the names they are reachable by, lookup counts, and
+//! the `st_ino` numbers we report.
+//!
+//! Identity: fuser sends an entry's node id as the inode's `st_ino`, so a node id IS the
+//! `st_ino` we report. Numbers come from `InoTable`: the first (dev, ino) an object is seen
+//! with gets a fresh number; copy-up and link map the upper (dev, ino) to the same number,
+//! so `st_ino` survives copy-up, is unique across layers on different filesystems, and
+//! readdir computes `d_ino` from an entry's (dev, d_ino) without a lookup. Hard links of one
+//! layer therefore share a node; once any of its names is in the upper, the node is upper
+//! for all of them (overlayfs `index=on` behaviour, see copy-up).
+//!
+//! Lock order: `NodeTable::index`, then a node's `state`; never the reverse, and never
+//! across I/O. `Node::copy_lock` is held across copy-up I/O and taken parent-before-child.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use dashmap::DashMap;
+
+use crate::layer::{LayerIdx, RealId};
+
+pub type NodeId = u64;
+pub const ROOT_ID: NodeId = 1;
+
+#[derive(Debug)]
+pub struct NodeState {
+    /// (parent, name) pairs this node is reachable by; the first one is used to reach it in
+    /// the layers. Empty when the node was unlinked (it lives on through open handles).
+    pub aliases: Vec<(NodeId, OsString)>,
+    /// Layers holding the object, top first. A non-directory has exactly one; a directory
+    /// lists every layer it merges, ending at the first opaque one.
+    pub layers: Vec<LayerIdx>,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub id: NodeId,
+    pub ino: u64,
+    /// S_IFMT bits; a node never changes type.
+    pub kind: u32,
+    pub nlookup: AtomicU64,
+    pub state: RwLock<NodeState>,
+    pub copy_lock: Mutex<()>,
+}
+
+impl Node {
+    pub fn is_dir(&self) -> bool {
+        self.kind == libc::S_IFDIR
+    }
+
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, NodeState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn write(&self) -> std::sync::RwLockWriteGuard<'_, NodeState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn top_layer(&self) -> LayerIdx {
+        self.read().layers.first().copied().unwrap_or(usize::MAX)
+    }
+
+    pub fn layers(&self) -> Vec<LayerIdx> {
+        self.read().layers.clone()
+    }
+
+    pub fn primary(&self) -> Option<(NodeId, OsString)> {
+        self.read().aliases.first().cloned()
+    }
+}
+
+#[derive(Default)]
+struct Index {
+    by_name: HashMap<(NodeId, OsString), NodeId>,
+}
+
+/// Stable `st_ino` numbers keyed by (dev, ino) of the object in its layer.
+#[derive(Default)]
+pub struct InoTable {
+    map: DashMap<RealId, u64>,
+    next: AtomicU64,
+}
+
+impl InoTable {
+    pub fn new(root: RealId) -> InoTable {
+        let t = InoTable {
+            map: DashMap::new(),
+            next: AtomicU64::new(2),
+        };
+        t.map.insert(root, 1);
+        t
+    }
+
+    pub fn get(&self, id: RealId) -> u64 {
+        if let Some(v) = self.map.get(&id) {
+            return *v;
+        }
+        *self
+            .map
+            .entry(id)
+            .or_insert_with(|| self.next.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Makes `id` report `ino` (after copy-up, a link, or a rename into place).
+    pub fn set(&self, id: RealId, ino: u64) {
+        self.map.insert(id, ino);
+    }
+
+    pub fn forget(&self, id: RealId) {
+        self.map.remove(&id);
+    }
+}
+
+/// What a lookup found, enough to make or refresh a node.
+pub struct Found {
+    pub kind: u32,
+    pub layers: Vec<LayerIdx>,
+    /// The object's id in its top layer.
+    pub real: RealId,
+}
+
+pub struct NodeTable {
+    nodes: DashMap<NodeId, Arc<Node>>,
+    index: Mutex<Index>,
+    pub inos: InoTable,
+}
+
+impl NodeTable {
+    pub fn new(root_layers: Vec<LayerIdx>, root_real: RealId) -> NodeTable {
+        let t = NodeTable {
+            nodes: DashMap::new(),
+            index: Mutex::new(Index::default()),
+            inos: InoTable::new(root_real),
+        };
+        t.nodes.insert(
+            ROOT_ID,
+            Arc::new(Node {
+                id: ROOT_ID,
+                ino: 1,
+                kind: libc::S_IFDIR,
+                nlookup: AtomicU64::new(1),
+                state: RwLock::new(NodeState {
+                    aliases: Vec::new(),
+                    layers: root_layers,
+                }),
+                copy_lock: Mutex::new(()),
+            }),
+        );
+        t
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, id: NodeId) -> io::Result<Arc<Node>> {
+        self.nodes
+            .get(&id)
+            .map(|n| n.clone())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+    }
+
+    /// The node currently bound to (parent, name), if the kernel holds one.
+    pub fn child(&self, parent: NodeId, name: &OsString) -> Option<Arc<Node>> {
+        let id = *self.index().by_name.get(&(parent, name.clone()))?;
+        self.nodes.get(&id).map(|n| n.clone())
+    }
+
+    /// The node bound to (parent, name), counting one more kernel lookup on it.
+    pub fn touch(&self, parent: NodeId, name: &OsString) -> Option<Arc<Node>> {
+        let idx = self.index();
+        let id = *idx.by_name.get(&(parent, name.clone()))?;
+        let n = self.nodes.get(&id).map(|n| n.clone())?;
+        n.nlookup.fetch_add(1, Ordering::Relaxed);
+        Some(n)
+    }
+
+    /// Binds (parent, name) to the node for `found` (made if needed) and counts one kernel
+    /// lookup on it. `upper_wins`: the found object is in the upper, so the node's state
+    /// follows it even if another name bound it to a lower object.
+    pub fn bind(
+        &self,
+        parent: NodeId,
+        name: OsString,
+        found: Found,
+        upper_wins: bool,
+    ) -> Arc<Node> {
+        let ino = self.inos.get(found.real);
+        let mut idx = self.index();
+        let key = (parent, name);
+        let node = match self.nodes.get(&ino).map(|n| n.clone()) {
+            Some(n) => {
+                let mut st = n.write();
+                if !st.aliases.contains(&key) {
+                    st.aliases.push(key.clone());
+                }
+                if upper_wins {
+                    st.layers = found.layers;
+                }
+                drop(st);
+                n
+            }
+            None => {
+                let n = Arc::new(Node {
+                    id: ino,
+                    ino,
+                    kind: found.kind,
+                    nlookup: AtomicU64::new(0),
+                    state: RwLock::new(NodeState {
+                        aliases: vec![key.clone()],
+                        layers: found.layers,
+                    }),
+                    copy_lock: Mutex::new(()),
+                });
+                self.nodes.insert(ino, n.clone());
+                n
+            }
+        };
+        if let Some(old) = idx.by_name.insert(key.clone(), ino)
+            && old != ino
+            && let Some(o) = self.nodes.get(&old)
+        {
+            o.write().aliases.retain(|a| *a != key);
+        }
+        node.nlookup.fetch_add(1, Ordering::Relaxed);
+        node
+    }
+
+    /// Records that `node` now lives in the upper as `real` (after copy-up or link).
+    pub fn set_upper(&self, node: &Node, real: RealId) {
+        self.inos.set(real, node.ino);
+    }
+
+    /// Drops the binding (parent, name); the node keeps living while the kernel holds it.
+    pub fn unbind(&self, parent: NodeId, name: &OsString) {
+        let mut idx = self.index();
+        if let Some(id) = idx.by_name.remove(&(parent, name.clone()))
+            && let Some(n) = self.nodes.get(&id)
+        {
+            n.write()
+                .aliases
+                .retain(|(p, nm)| !(*p == parent && nm == name));
+        }
+    }
+
+    /// Moves the binding (p1, n1) to (p2, n2), dropping whatever (p2, n2) was bound to.
+    pub fn rebind(&self, p1: NodeId, n1: &OsString, p2: NodeId, n2: OsString) {
+        let mut idx = self.index();
+        if let Some(old) = idx.by_name.remove(&(p2, n2.clone()))
+            && let Some(n) = self.nodes.get(&old)
+        {
+            n.write().aliases.retain(|(p, nm)| !(*p == p2 && *nm == n2));
+        }
+        if let Some(id) = idx.by_name.remove(&(p1, n1.clone())) {
+            if let Some(n) = self.nodes.get(&id) {
+                let mut st = n.write();
+                for a in st.aliases.iter_mut() {
+                    if a.0 == p1 && a.1 == *n1 {
+                        *a = (p2, n2.clone());
+                    }
+                }
+            }
+            idx.by_name.insert((p2, n2), id);
+        }
+    }
+
+    /// Swaps the bindings of (p1, n1) and (p2, n2) (RENAME_EXCHANGE).
+    pub fn exchange(&self, p1: NodeId, n1: &OsString, p2: NodeId, n2: &OsString) {
+        let mut idx = self.index();
+        let a = idx.by_name.remove(&(p1, n1.clone()));
+        let b = idx.by_name.remove(&(p2, n2.clone()));
+        let fix = |id: NodeId, from: (NodeId, &OsString), to: (NodeId, &OsString)| {
+            if let Some(n) = self.nodes.get(&id) {
+                for al in n.write().aliases.iter_mut() {
+                    if al.0 == from.0 && al.1 == *from.1 {
+                        *al = (to.0, to.1.clone());
+                    }
+                }
+            }
+        };
+        if let Some(a) = a {
+            fix(a, (p1, n1), (p2, n2));
+            idx.by_name.insert((p2, n2.clone()), a);
+        }
+        if let Some(b) = b {
+            fix(b, (p2, n2), (p1, n1));
+            idx.by_name.insert((p1, n1.clone()), b);
+        }
+    }
+
+    /// The kernel dropped `n` lookups of `id`; the node goes when none are left.
+    pub fn forget(&self, id: NodeId, n: u64) {
+        if id == ROOT_ID {
+            return;
+        }
+        let mut idx = self.index();
+        let Some(node) = self.nodes.get(&id).map(|n| n.clone()) else {
+            return;
+        };
+        // Every change of nlookup happens under `index`, so load/store is not racy.
+        let left = node.nlookup.load(Ordering::Relaxed).saturating_sub(n);
+        node.nlookup.store(left, Ordering::Relaxed);
+        if left > 0 {
+            return;
+        }
+        let st = node.read();
+        for key in st.aliases.iter() {
+            if idx.by_name.get(key) == Some(&id) {
+                idx.by_name.remove(key);
+            }
+        }
+        drop(st);
+        self.nodes.remove(&id);
+    }
+
+    /// The path of a node relative to every layer's root ("." for the root).
+    pub fn path_of(&self, node: &Node) -> io::Result<PathBuf> {
+        let mut names = Vec::new();
+        let mut cur = node.id;
+        let mut hops = 0usize;
+        while cur != ROOT_ID {
+            let n = self.get(cur)?;
+            let (p, name) = n
+                .primary()
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+            names.push(name);
+            cur = p;
+            hops += 1;
+            if hops > 8192 {
+                return Err(io::Error::from_raw_os_error(libc::ELOOP));
+            }
+        }
+        if names.is_empty() {
+            return Ok(PathBuf::from("."));
+        }
+        let mut p = PathBuf::new();
+        for n in names.iter().rev() {
+            p.push(n);
+        }
+        Ok(p)
+    }
+
+    /// Every live node (for finding the open handles of an unlinked node, and stats).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}
