@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing unionmount needs on Debian 12:
+# fuse3 (fusermount3, mount.fuse3), attr (getfattr/setfattr), fuse-overlayfs (the peer the
+# benchmarks compare with), util-linux (setpriv, unshare). Rust comes from the machine's rustup.
+set -euo pipefail
+need=()
+for pkg in fuse3 attr fuse-overlayfs util-linux; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+[ -e /dev/fuse ] || { modprobe fuse 2>/dev/null || true; }
+echo "dependencies ready: fuse3 attr fuse-overlayfs util-linux"
