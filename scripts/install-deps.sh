@@ -13,4 +13,9 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 [ -e /dev/fuse ] || { modprobe fuse 2>/dev/null || true; }
+# Debian's udev rule makes /dev/fuse 0666 so that unprivileged users (through fusermount3) and
+# user namespaces can mount; some container images ship it 0600. Restore the usual mode.
+if [ -c /dev/fuse ] && [ "$(id -u)" -eq 0 ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
+  chmod 0666 /dev/fuse
+fi
 echo "dependencies ready: fuse3 attr fuse-overlayfs util-linux"

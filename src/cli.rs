@@ -149,7 +149,7 @@ fn fuse_config(p: &Plan, root: bool) -> fuser::Config {
     let o = &p.opts;
     let mut mo = vec![
         M::FSName(p.source.clone()),
-        M::Subtype("unionmount".into()),
+        M::CUSTOM("subtype=unionmount".into()),
         M::DefaultPermissions,
     ];
     if o.read_only || o.upper.is_none() {

@@ -44,7 +44,10 @@ impl Union {
             // The upper root always exists.
             return Ok(());
         }
-        let (pid, name) = node.primary().ok_or_else(|| err(libc::ENOENT))?;
+        let (pid, name) = self
+            .nodes
+            .live_alias(node)
+            .ok_or_else(|| err(libc::ENOENT))?;
         let parent = self.nodes.get(pid)?;
         self.copy_up(&parent, Data::All)?;
 
@@ -58,6 +61,8 @@ impl Union {
         let st = stat_at(lower_dir.as_fd(), &name)?;
         let work = self.work()?;
         let tmp = self.tmp_name();
+        // Copy-up is not a change the user made: the parent keeps its times (as overlayfs).
+        let pst = nix::sys::stat::fstat(upper_dir.as_fd()).map_err(nix_err)?;
         let res = self
             .build_copy(lower_dir.as_fd(), &name, &st, work, &tmp, data)
             .and_then(|()| {
@@ -79,6 +84,12 @@ impl Union {
             );
             return Err(e);
         }
+        nix::sys::stat::futimens(
+            upper_dir.as_fd(),
+            &TimeSpec::new(pst.st_atime, pst.st_atime_nsec),
+            &TimeSpec::new(pst.st_mtime, pst.st_mtime_nsec),
+        )
+        .map_err(nix_err)?;
         let ust = stat_at(upper_dir.as_fd(), &name)?;
         self.nodes.set_upper(node, crate::layer::RealId::of(&ust));
         let others: Vec<_> = {
@@ -88,7 +99,12 @@ impl Union {
             } else {
                 state.layers = vec![0];
             }
-            state.aliases.iter().skip(1).cloned().collect()
+            state
+                .aliases
+                .iter()
+                .filter(|(p, n)| !(*p == pid && *n == name))
+                .cloned()
+                .collect()
         };
         // Other names of the same lower inode that the kernel knows: link them in the
         // upper too, so the upper matches what the mount shows for them.

@@ -193,7 +193,7 @@ impl Union {
     /// The parent directory of `node` opened in layer `li`, and the node's name in it.
     /// For the root: the root itself and ".".
     pub(crate) fn parent_in(&self, node: &Node, li: LayerIdx) -> io::Result<(OwnedFd, OsString)> {
-        match node.primary() {
+        match self.nodes.live_alias(node) {
             None if node.id == node::ROOT_ID => Ok((
                 self.layers[li].open_dir(Path::new("."))?,
                 OsString::from("."),

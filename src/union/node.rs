@@ -68,6 +68,7 @@ impl Node {
         self.read().layers.clone()
     }
 
+    /// The first name of this node; see `NodeTable::live_alias` for one that resolves.
     pub fn primary(&self) -> Option<(NodeId, OsString)> {
         self.read().aliases.first().cloned()
     }
@@ -317,6 +318,17 @@ impl NodeTable {
         self.nodes.remove(&id);
     }
 
+    /// A name of `node` whose parent the table still holds. Hard links can keep a name whose
+    /// directory the kernel has forgotten; any other name reaches the same object.
+    pub fn live_alias(&self, node: &Node) -> Option<(NodeId, OsString)> {
+        let st = node.read();
+        st.aliases
+            .iter()
+            .find(|(p, _)| self.nodes.contains_key(p))
+            .or(st.aliases.first())
+            .cloned()
+    }
+
     /// The path of a node relative to every layer's root ("." for the root).
     pub fn path_of(&self, node: &Node) -> io::Result<PathBuf> {
         let mut names = Vec::new();
@@ -324,8 +336,8 @@ impl NodeTable {
         let mut hops = 0usize;
         while cur != ROOT_ID {
             let n = self.get(cur)?;
-            let (p, name) = n
-                .primary()
+            let (p, name) = self
+                .live_alias(&n)
                 .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
             names.push(name);
             cur = p;
