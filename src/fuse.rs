@@ -127,6 +127,11 @@ impl Filesystem for UnionFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.union.lookup(parent.0, name) {
             Ok((node, st)) => reply.entry(&TTL, &entry_attr(&node, &st), Generation(0)),
+            // A negative entry (node id 0) lets the kernel cache the miss: names appear only
+            // through this mount, and the kernel replaces its negative dentry when they do.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                reply.entry(&TTL, &negative_attr(), Generation(0))
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -573,6 +578,26 @@ fn entry_attr(node: &crate::union::node::Node, st: &Attr) -> FileAttr {
     let mut a = attr(st);
     a.ino = INodeNo(node.id);
     a
+}
+
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
 }
 
 fn empty(r: io::Result<()>, reply: ReplyEmpty) {
