@@ -110,7 +110,6 @@ impl Filesystem for UnionFs {
             (InitFlags::FUSE_ATOMIC_O_TRUNC, "atomic_o_trunc"),
             (InitFlags::FUSE_PARALLEL_DIROPS, "parallel_dirops"),
             (InitFlags::FUSE_CACHE_SYMLINKS, "cache_symlinks"),
-            (InitFlags::FUSE_EXPORT_SUPPORT, "export_support"),
         ] {
             match config.add_capabilities(flag) {
                 Ok(()) => log::info!("capability {name}: on"),
