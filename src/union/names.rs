@@ -413,11 +413,12 @@ impl Union {
             let below1 = self.lower_positive(&pn1, n1)?;
             let below2 = self.lower_positive(&pn2, n2)?;
             nix::fcntl::renameat2(u1, n1, u2, n2, RenameFlags::RENAME_EXCHANGE).map_err(nix_err)?;
-            // A pure-upper directory landing where something exists below must hide it.
-            if src_dir && below2 {
+            // As overlayfs: a pure-upper directory moved into a merged directory is marked
+            // opaque, so that nothing below its new name can ever show through it.
+            if src_dir && (below2 || self.is_merged(&pn2)) {
                 self.markers.set_opaque(u2, n2)?;
             }
-            if dst_kind == Some(libc::S_IFDIR) && below1 {
+            if dst_kind == Some(libc::S_IFDIR) && (below1 || self.is_merged(&pn1)) {
                 self.markers.set_opaque(u1, n1)?;
             }
             self.nodes
@@ -435,7 +436,7 @@ impl Union {
             // A directory cannot replace a non-directory: drop the whiteout first.
             nix::unistd::unlinkat(u2, n2, UnlinkatFlags::NoRemoveDir).map_err(nix_err)?;
         }
-        let below_dst = src_dir && self.lower_has_name(&pn2, n2)?;
+        let below_dst = src_dir && (self.is_merged(&pn2) || self.lower_has_name(&pn2, n2)?);
         if dst_kind.is_some() {
             self.forget_if_last_link(u2, n2)?;
         }
@@ -466,6 +467,12 @@ impl Union {
             src_node.write().layers = vec![0];
         }
         Ok(())
+    }
+
+    /// Does this directory merge an upper with at least one lower layer?
+    fn is_merged(&self, dir: &Node) -> bool {
+        let l = dir.layers();
+        l.len() > 1 && self.is_upper(l[0])
     }
 
     /// Is `name` present (even hidden by an upper whiteout) in a lower layer of `parent`?
