@@ -32,6 +32,24 @@ context=, uidmapping=H:T:L[:H:T:L...], gidmapping=, squash_to_root, squash_to_ui
 squash_to_gid=, static_nlink, noxattrs, noacl, allow_other, allow_root, default_permissions,
 max_write=, xino=. Set RUST_LOG=debug (or -d) for a request log.";
 
+#[cfg(test)]
+mod tests {
+    use super::clap_one_line;
+
+    #[test]
+    fn clap_errors_fit_one_line() {
+        let t = "error: the following required arguments were not provided:\n  <MOUNTPOINT>...\n\nUsage: unionmount <MOUNTPOINT>...\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            clap_one_line(t),
+            "the following required arguments were not provided: <MOUNTPOINT>..."
+        );
+        assert_eq!(
+            clap_one_line("error: unexpected argument '--frob' found\n\nUsage: x\n"),
+            "unexpected argument '--frob' found"
+        );
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "unionmount",
@@ -95,6 +113,13 @@ fn plan(args: Args) -> Result<Plan, String> {
     if args.work.is_some() {
         opts.work = args.work.clone();
     }
+    if opts.upper.is_some() != opts.work.is_some() {
+        return Err(
+            "an upper layer needs a workdir and a workdir needs an upper layer \
+                    (--upper with --work, or upperdir= with workdir=)"
+                .into(),
+        );
+    }
     opts.validate_combination().map_err(|e| e.to_string())?;
     if opts.lowers.is_empty() && opts.upper.is_none() {
         return Err("no layers given: use --layers TOP:...:BASE or -o lowerdir=...".into());
@@ -135,6 +160,29 @@ fn plan(args: Args) -> Result<Plan, String> {
         foreground: args.foreground || args.debug,
         debug: args.debug,
     })
+}
+
+/// clap's message on one line: the error and the arguments it names, without usage hints.
+fn clap_one_line(text: &str) -> String {
+    let mut parts = Vec::new();
+    for line in text.lines() {
+        let l = line.trim();
+        if l.starts_with("Usage:") || l.starts_with("For more information") {
+            break;
+        }
+        if !l.is_empty() {
+            parts.push(
+                l.trim_start_matches("error: ")
+                    .trim_end_matches(':')
+                    .to_string(),
+            );
+        }
+    }
+    if parts.is_empty() {
+        "bad arguments".into()
+    } else {
+        parts.join(": ")
+    }
 }
 
 fn short(e: &std::io::Error) -> String {
@@ -196,9 +244,7 @@ pub fn main() -> i32 {
                 let _ = e.print();
                 return 0;
             }
-            let text = e.to_string();
-            let line = text.lines().next().unwrap_or("bad arguments");
-            eprintln!("unionmount: {}", line.trim_start_matches("error: "));
+            eprintln!("unionmount: {}", clap_one_line(&e.to_string()));
             return 2;
         }
     };
@@ -209,7 +255,13 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    let level = if plan.debug { "debug" } else { "warn" };
+    // fuser's session warns when it finds the mount already gone at exit (after our own
+    // unmount, or an outside `umount`): expected, so only its errors are shown.
+    let level = if plan.debug {
+        "debug"
+    } else {
+        "warn,fuser::session=error"
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp_millis()
         .init();
