@@ -142,7 +142,11 @@ impl Union {
             tmp_seq: AtomicU64::new(0),
             markers: MarkerWriter {
                 xattr_ns,
-                chardev: AtomicBool::new(true),
+                // Test hook: behave as if mknod of whiteouts were refused, to exercise the
+                // `.wh.NAME` fallback on filesystems that do allow it.
+                chardev: AtomicBool::new(
+                    std::env::var_os("UNIONMOUNT_TEST_NO_MKNOD_WHITEOUT").is_none(),
+                ),
             },
             behaviour: Behaviour {
                 fsync: opts.fsync && !opts.volatile,

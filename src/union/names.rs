@@ -114,6 +114,15 @@ impl Union {
         obj: NewObject,
     ) -> io::Result<(Arc<Node>, Attr, Option<OwnedFd>)> {
         self.check_new_name(name)?;
+        if let NewObject::Node {
+            kind: libc::S_IFCHR,
+            rdev: 0,
+            ..
+        } = obj
+        {
+            // A 0/0 character device is a whiteout: overlayfs refuses to make one.
+            return Err(err(libc::EPERM));
+        }
         let pnode = self.nodes.get(parent)?;
         if !pnode.is_dir() {
             return Err(err(libc::ENOTDIR));

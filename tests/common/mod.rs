@@ -449,6 +449,19 @@ pub fn mount_paths(
     mnt: &Path,
     extra: &[&str],
 ) -> io::Result<MountGuard> {
+    mount_paths_env(driver, lowers, upper, work, mnt, extra, &[])
+}
+
+/// `mount_paths` with extra environment for the mount command (e.g. a unionmount test hook).
+pub fn mount_paths_env(
+    driver: &Driver,
+    lowers: &[PathBuf],
+    upper: Option<&Path>,
+    work: Option<&Path>,
+    mnt: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> io::Result<MountGuard> {
     let mut lowers: Vec<PathBuf> = lowers.to_vec();
     let mut extra_dir = None;
     if *driver == Driver::Kernel && upper.is_none() && lowers.len() == 1 {
@@ -491,6 +504,7 @@ pub fn mount_paths(
             c
         }
     };
+    cmd.envs(env.iter().copied());
     let out = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
