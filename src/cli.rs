@@ -76,6 +76,9 @@ struct Args {
     /// Foreground with a debug log on stderr
     #[arg(short = 'd', long)]
     debug: bool,
+    /// Write the log to FILE (appending) instead of stderr; a background daemon keeps it
+    #[arg(long, value_name = "FILE", env = "UNIONMOUNT_LOG_FILE")]
+    log_file: Option<PathBuf>,
     /// [SOURCE] MOUNTPOINT (mount(8) passes a source first)
     #[arg(value_name = "MOUNTPOINT", num_args = 1..=2, required = true)]
     positional: Vec<PathBuf>,
@@ -88,6 +91,7 @@ struct Plan {
     source: String,
     foreground: bool,
     debug: bool,
+    log_file: Option<PathBuf>,
 }
 
 fn plan(args: Args) -> Result<Plan, String> {
@@ -159,6 +163,7 @@ fn plan(args: Args) -> Result<Plan, String> {
         source,
         foreground: args.foreground || args.debug,
         debug: args.debug,
+        log_file: args.log_file,
     })
 }
 
@@ -262,9 +267,25 @@ pub fn main() -> i32 {
     } else {
         "warn,fuser::session=error"
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
-        .format_timestamp_millis()
-        .init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level));
+    logger.format_timestamp_millis();
+    if let Some(path) = &plan.log_file {
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(f) => {
+                logger.target(env_logger::Target::Pipe(Box::new(f)));
+            }
+            Err(e) => {
+                eprintln!("unionmount: log file {}: {e}", path.display());
+                return 1;
+            }
+        }
+    }
+    logger.init();
     sys::set_umask(0);
     sys::raise_nofile();
     let union = match Union::new(&plan.opts) {
@@ -274,10 +295,11 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    let fs = UnionFs {
+    let fs = UnionFs::new(
         union,
-        max_write: plan.opts.max_write.unwrap_or(1 << 20),
-    };
+        plan.opts.max_write.unwrap_or(1 << 20),
+        plan.opts.passthrough,
+    );
     if plan.foreground {
         return serve(fs, &plan, None);
     }

@@ -17,6 +17,12 @@ use fuser::{
 };
 use nix::sys::time::TimeSpec;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+
+use dashmap::DashMap;
+use fuser::BackingId;
+
 use crate::union::names::NewObject;
 use crate::union::{Attr, Ctx, Union};
 
@@ -26,6 +32,98 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 pub struct UnionFs {
     pub union: Union,
     pub max_write: u32,
+    /// Asked for (`passthrough=on`, the default); granted at INIT only as root on 6.9+.
+    pub want_passthrough: bool,
+    passthrough: AtomicBool,
+    /// The backing file registered for an inode, shared by all its opens (the kernel refuses
+    /// a second backing or a non-passthrough open on an inode that has one).
+    backings: DashMap<u64, Backing>,
+    /// Each passthrough open keeps its inode's backing alive until it is released.
+    fh_backing: DashMap<u64, Arc<BackingId>>,
+}
+
+struct Backing {
+    id: Weak<BackingId>,
+    /// Backed by the upper file (may back writable opens) rather than a lower one.
+    upper: bool,
+}
+
+impl UnionFs {
+    pub fn new(union: Union, max_write: u32, want_passthrough: bool) -> UnionFs {
+        UnionFs {
+            union,
+            max_write,
+            want_passthrough,
+            passthrough: AtomicBool::new(false),
+            backings: DashMap::new(),
+            fh_backing: DashMap::new(),
+        }
+    }
+
+    fn passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// A writable open may never be backed by a lower file: while a lower backing is live
+    /// (read-only opens from before a copy-up), a writable open cannot be served.
+    fn lower_backing_live(&self, ino: u64) -> bool {
+        self.backings
+            .get(&ino)
+            .is_some_and(|b| !b.upper && b.id.strong_count() > 0)
+    }
+
+    /// The kernel sends RELEASE asynchronously after close(2), so a writable open right
+    /// after the last reader closed may find the reader's lower backing still registered:
+    /// give the release a moment before refusing. True when no lower backing is live.
+    fn wait_lower_backing_gone(&self, ino: u64) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_millis(500);
+        while self.lower_backing_live(ino) {
+            if std::time::Instant::now() > deadline {
+                log::warn!(
+                    "open for write of inode {ino} refused (ETXTBSY): it is open read-only \
+                     with passthrough to a lower layer"
+                );
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+
+    /// The backing for open `fh` of `ino`: the inode's live one, or a new one made from the
+    /// handle's file with `open`.
+    fn backing_for(
+        &self,
+        ino: u64,
+        fh: u64,
+        writable: bool,
+        open: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
+    ) -> io::Result<Arc<BackingId>> {
+        let (file, upper) = self.union.handle_file(fh)?;
+        let mut entry = self.backings.entry(ino).or_insert(Backing {
+            id: Weak::new(),
+            upper,
+        });
+        if let Some(id) = entry.id.upgrade() {
+            if writable && !entry.upper {
+                return Err(io::Error::from_raw_os_error(libc::ETXTBSY));
+            }
+            return Ok(id);
+        }
+        let id = Arc::new(open(&file)?);
+        *entry = Backing {
+            id: Arc::downgrade(&id),
+            upper,
+        };
+        Ok(id)
+    }
+
+    fn release_backing(&self, ino: u64, fh: u64) {
+        if self.fh_backing.remove(&fh).is_some() {
+            self.backings
+                .remove_if(&ino, |_, b| b.id.strong_count() == 0);
+        }
+    }
 }
 
 fn errno(e: io::Error) -> Errno {
@@ -115,6 +213,20 @@ impl Filesystem for UnionFs {
                 Ok(()) => log::info!("capability {name}: on"),
                 Err(_) => log::info!("capability {name}: not offered by the kernel"),
             }
+        }
+        if self.want_passthrough && crate::sys::geteuid() == 0 {
+            match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+                Ok(()) => match config.set_max_stack_depth(self.union.stack_depth()) {
+                    Ok(_) => {
+                        self.passthrough.store(true, Ordering::Relaxed);
+                        log::info!("capability passthrough: on");
+                    }
+                    Err(d) => log::info!("passthrough: stack depth refused (max {d})"),
+                },
+                Err(_) => log::info!("capability passthrough: not offered by the kernel"),
+            }
+        } else {
+            log::info!("capability passthrough: off (not asked for, or not root)");
         }
         match config.set_max_write(self.max_write) {
             Ok(_) => log::info!("max_write {}", self.max_write),
@@ -306,9 +418,30 @@ impl Filesystem for UnionFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.union.open(&ctx(req), ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(e)),
+        let writable = crate::union::file::writable(flags.0);
+        if self.passthrough() && writable && !self.wait_lower_backing_gone(ino.0) {
+            return reply.error(Errno::ETXTBSY);
+        }
+        let fh = match self.union.open(&ctx(req), ino.0, flags.0) {
+            Ok(fh) => fh,
+            Err(e) => return reply.error(errno(e)),
+        };
+        if !self.passthrough() {
+            return reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+            );
+        }
+        match self.backing_for(ino.0, fh, writable, |f| reply.open_backing(f)) {
+            Ok(id) => {
+                // Before the reply: its RELEASE may be handled on another thread at once.
+                self.fh_backing.insert(fh, id.clone());
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id);
+            }
+            Err(e) => {
+                self.union.release(fh);
+                reply.error(errno(e));
+            }
         }
     }
 
@@ -368,6 +501,7 @@ impl Filesystem for UnionFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.release_backing(_ino.0, fh.0);
         self.union.release(fh.0);
         reply.ok();
     }
@@ -495,16 +629,53 @@ impl Filesystem for UnionFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.union.create(&ctx(req), parent.0, name, mode, flags) {
-            Ok((node, st, fh)) => reply.created(
+        let (node, st, fh) = match self.union.create(&ctx(req), parent.0, name, mode, flags) {
+            Ok(r) => r,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let attr = entry_attr(&node, &st);
+        if !self.passthrough() {
+            return reply.created(
                 &TTL,
-                &entry_attr(&node, &st),
+                &attr,
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(errno(e)),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+            );
         }
+        match self.backing_for(node.id, fh, true, |f| reply.open_backing(f)) {
+            Ok(id) => {
+                self.fh_backing.insert(fh, id.clone());
+                reply.created_passthrough(
+                    &TTL,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_NOFLUSH,
+                    &id,
+                );
+            }
+            Err(e) => {
+                // The file exists now; the open failed. As for a failed open after O_CREAT.
+                self.union.release(fh);
+                reply.error(errno(e));
+            }
+        }
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // No ioctls of our own; ENOTTY is the answer for an ioctl a file does not know.
+        reply.error(Errno::ENOTTY);
     }
 
     fn fallocate(

@@ -91,6 +91,9 @@ pub struct MountOptions {
     pub xino: Option<String>,
     /// `fsname=NAME`, unescaped.
     pub fsname: Option<String>,
+    /// `passthrough=on|off`: FUSE passthrough for file data (on by default where the kernel
+    /// and our privileges allow it).
+    pub passthrough: bool,
 }
 
 impl Default for MountOptions {
@@ -113,6 +116,7 @@ impl MountOptions {
             noatime: false,
             volatile: false,
             fsync: true,
+            passthrough: true,
             allow_other: false,
             allow_root: false,
             default_permissions: false,
@@ -402,6 +406,14 @@ fn apply(o: &mut MountOptions, element: &str) -> Result<(), OptionError> {
                 "2" => 2,
                 _ => return Err(bad_value(name, "0, 1 or 2", v)),
             });
+        }
+        "passthrough" => {
+            let v = required(name, value)?;
+            o.passthrough = match v {
+                "on" | "1" => true,
+                "off" | "0" => false,
+                _ => return Err(bad_value(name, "on or off", v)),
+            }
         }
         "xino" => {
             let v = required(name, value)?;
@@ -917,6 +929,13 @@ mod tests {
             "option 'xino' expects on, off or auto, got 'yes'"
         );
         assert_eq!(err(&["xino"]), "option 'xino' needs a value");
+        assert!(parse(&[]).passthrough);
+        assert!(!parse(&["passthrough=off"]).passthrough);
+        assert!(parse(&["passthrough=off,passthrough=on"]).passthrough);
+        assert_eq!(
+            err(&["passthrough=maybe"]),
+            "option 'passthrough' expects on or off, got 'maybe'"
+        );
     }
 
     #[test]

@@ -36,7 +36,8 @@ impl Handle {
     }
 }
 
-fn writable(flags: i32) -> bool {
+/// Does an open with these flags write (or truncate)?
+pub fn writable(flags: i32) -> bool {
     flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
 }
 
@@ -155,6 +156,12 @@ impl Union {
             }
         }
         Ok(done as u32)
+    }
+
+    /// The real file behind a handle, and whether it is the upper's.
+    pub fn handle_file(&self, fh: u64) -> io::Result<(Arc<File>, bool)> {
+        let h = self.handle(fh)?;
+        Ok((h.file(), h.is_upper()))
     }
 
     pub fn release(&self, fh: u64) {
@@ -308,6 +315,20 @@ impl Union {
         let (dir, name) = self.parent_in(&node, node.top_layer())?;
         let t = nix::fcntl::readlinkat(dir.as_fd(), name.as_os_str()).map_err(nix_err)?;
         Ok(t.as_bytes().to_vec())
+    }
+
+    /// FUSE passthrough stacking depth: 1 above ordinary filesystems, 2 when a layer itself
+    /// sits on a stacking filesystem (overlayfs, FUSE).
+    pub fn stack_depth(&self) -> u32 {
+        const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+        const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+        let stacked = self.layers.iter().any(|l| {
+            nix::sys::statfs::fstatfs(l.root()).is_ok_and(|s| {
+                let t = s.filesystem_type().0 as i64;
+                t == OVERLAYFS_SUPER_MAGIC || t == FUSE_SUPER_MAGIC
+            })
+        });
+        if stacked { 2 } else { 1 }
     }
 
     /// statfs of the upper (of the top layer when read-only).
