@@ -324,7 +324,7 @@ impl Union {
         const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
         let stacked = self.layers.iter().any(|l| {
             nix::sys::statfs::fstatfs(l.root()).is_ok_and(|s| {
-                let t = s.filesystem_type().0 as i64;
+                let t = s.filesystem_type().0;
                 t == OVERLAYFS_SUPER_MAGIC || t == FUSE_SUPER_MAGIC
             })
         });
