@@ -738,7 +738,8 @@ class Bench:
 
     def timed(self, cmd, cwd, capture=True):
         t0 = time.perf_counter()
-        r = subprocess.run(cmd, cwd=cwd, shell=isinstance(cmd, str), executable="/bin/bash",
+        r = subprocess.run(cmd, cwd=cwd, shell=isinstance(cmd, str),
+                           executable="/bin/bash" if isinstance(cmd, str) else None,
                            stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
                            stderr=subprocess.PIPE, check=False)
         dt = time.perf_counter() - t0

@@ -7,4 +7,9 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
-cargo test --all-targets -- --test-threads="${UNIONMOUNT_TEST_THREADS:-4}"
+threads="${UNIONMOUNT_TEST_THREADS:-4}"
+cargo test --all-targets -- --test-threads="$threads"
+# The same semantic and differential suites once more without FUSE passthrough (the path
+# rootless mounts and older kernels take).
+UNIONMOUNT_TEST_OPTS=passthrough=off cargo test --test semantics --test differential \
+  --test hardlinks --test upper_format -- --test-threads="$threads"

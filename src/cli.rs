@@ -261,11 +261,12 @@ pub fn main() -> i32 {
         }
     };
     // fuser's session warns when it finds the mount already gone at exit (after our own
-    // unmount, or an outside `umount`): expected, so only its errors are shown.
+    // unmount, or an outside `umount`), and its reply path reports ENOENT for a request the
+    // kernel dropped during teardown: both expected, so they are not shown by default.
     let level = if plan.debug {
         "debug"
     } else {
-        "warn,fuser::session=error"
+        "warn,fuser::session=error,fuser::reply=off"
     };
     let mut logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level));

@@ -35,17 +35,26 @@ pub struct UnionFs {
     /// Asked for (`passthrough=on`, the default); granted at INIT only as root on 6.9+.
     pub want_passthrough: bool,
     passthrough: AtomicBool,
-    /// The backing file registered for an inode, shared by all its opens (the kernel refuses
-    /// a second backing or a non-passthrough open on an inode that has one).
-    backings: DashMap<u64, Backing>,
+    /// How each open inode is being served. The kernel requires all opens of an inode to
+    /// pass through one backing file, or none of them to: see `IoMode`.
+    modes: DashMap<u64, IoMode>,
     /// Each passthrough open keeps its inode's backing alive until it is released.
     fh_backing: DashMap<u64, Arc<BackingId>>,
+    /// Opens served by the daemon (page cache), by handle, with their inode.
+    fh_cached: DashMap<u64, u64>,
 }
 
-struct Backing {
-    id: Weak<BackingId>,
-    /// Backed by the upper file (may back writable opens) rather than a lower one.
-    upper: bool,
+/// The io mode of one inode. Rules (the kernel refuses anything else):
+/// - while opens are served by the daemon (`cached > 0`), new opens are too;
+/// - while a backing is registered, new opens pass through it;
+/// - otherwise: upper files pass through to the upper file; lower files pass through only
+///   on a mount without an upper (nothing can ever open them for writing), and are served
+///   by the daemon on a writable mount, since a lower file must never back a writable open
+///   and a backing cannot be swapped for the upper copy while readers hold it.
+#[derive(Default)]
+struct IoMode {
+    backing: Weak<BackingId>,
+    cached: u32,
 }
 
 impl UnionFs {
@@ -55,73 +64,90 @@ impl UnionFs {
             max_write,
             want_passthrough,
             passthrough: AtomicBool::new(false),
-            backings: DashMap::new(),
+            modes: DashMap::new(),
             fh_backing: DashMap::new(),
+            fh_cached: DashMap::new(),
         }
     }
 
-    fn passthrough(&self) -> bool {
-        self.passthrough.load(Ordering::Relaxed)
-    }
-
-    /// A writable open may never be backed by a lower file: while a lower backing is live
-    /// (read-only opens from before a copy-up), a writable open cannot be served.
-    fn lower_backing_live(&self, ino: u64) -> bool {
-        self.backings
-            .get(&ino)
-            .is_some_and(|b| !b.upper && b.id.strong_count() > 0)
-    }
-
-    /// The kernel sends RELEASE asynchronously after close(2), so a writable open right
-    /// after the last reader closed may find the reader's lower backing still registered:
-    /// give the release a moment before refusing. True when no lower backing is live.
-    fn wait_lower_backing_gone(&self, ino: u64) -> bool {
-        let deadline = std::time::Instant::now() + Duration::from_millis(500);
-        while self.lower_backing_live(ino) {
-            if std::time::Instant::now() > deadline {
-                log::warn!(
-                    "open for write of inode {ino} refused (ETXTBSY): it is open read-only \
-                     with passthrough to a lower layer"
-                );
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        true
-    }
-
-    /// The backing for open `fh` of `ino`: the inode's live one, or a new one made from the
-    /// handle's file with `open`.
-    fn backing_for(
+    /// Decides how open `fh` of `ino` is served: Some(backing) to pass through, None to serve
+    /// it from the daemon. `register` makes a backing from the handle's file.
+    fn choose_io(
         &self,
         ino: u64,
         fh: u64,
-        writable: bool,
-        open: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
-    ) -> io::Result<Arc<BackingId>> {
-        let (file, upper) = self.union.handle_file(fh)?;
-        let mut entry = self.backings.entry(ino).or_insert(Backing {
-            id: Weak::new(),
-            upper,
-        });
-        if let Some(id) = entry.id.upgrade() {
-            if writable && !entry.upper {
-                return Err(io::Error::from_raw_os_error(libc::ETXTBSY));
-            }
-            return Ok(id);
+        register: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return None;
         }
-        let id = Arc::new(open(&file)?);
-        *entry = Backing {
-            id: Arc::downgrade(&id),
-            upper,
+        let Ok((file, upper)) = self.union.handle_file(fh) else {
+            return None;
         };
-        Ok(id)
+        let mut mode = self.modes.entry(ino).or_default();
+        let backing = if mode.cached > 0 {
+            None
+        } else if let Some(id) = mode.backing.upgrade() {
+            Some(id)
+        } else if upper || !self.union.has_upper {
+            match register(&file) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    mode.backing = Arc::downgrade(&id);
+                    Some(id)
+                }
+                Err(e) => {
+                    // Not privileged enough after all: serve from the daemon from now on.
+                    if self.passthrough.swap(false, Ordering::Relaxed) {
+                        log::warn!("passthrough: registering a backing file failed ({e}); off");
+                    }
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        log::debug!(
+            "open of inode {ino} ({} file): {}",
+            if upper { "upper" } else { "lower" },
+            if backing.is_some() {
+                "passthrough"
+            } else {
+                "served by the daemon"
+            }
+        );
+        // Recorded before the reply: its RELEASE may be handled on another thread at once.
+        match &backing {
+            Some(id) => {
+                self.fh_backing.insert(fh, id.clone());
+            }
+            None => {
+                mode.cached += 1;
+                self.fh_cached.insert(fh, ino);
+            }
+        }
+        backing
     }
 
-    fn release_backing(&self, ino: u64, fh: u64) {
-        if self.fh_backing.remove(&fh).is_some() {
-            self.backings
-                .remove_if(&ino, |_, b| b.id.strong_count() == 0);
+    fn release_io(&self, ino: u64, fh: u64) {
+        if self.fh_cached.remove(&fh).is_some()
+            && let Some(mut m) = self.modes.get_mut(&ino)
+        {
+            m.cached = m.cached.saturating_sub(1);
+        }
+        self.fh_backing.remove(&fh);
+        self.modes
+            .remove_if(&ino, |_, m| m.cached == 0 && m.backing.strong_count() == 0);
+    }
+
+    /// Open flags for an open served by the daemon: keep the page cache across opens for
+    /// lower files (immutable) and whenever all I/O goes through the daemon.
+    fn cached_flags(&self, fh: u64) -> FopenFlags {
+        let lower = self.union.handle_file(fh).is_ok_and(|(_, upper)| !upper);
+        if lower || !self.passthrough.load(Ordering::Relaxed) {
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
+        } else {
+            FopenFlags::FOPEN_NOFLUSH
         }
     }
 }
@@ -214,7 +240,7 @@ impl Filesystem for UnionFs {
                 Err(_) => log::info!("capability {name}: not offered by the kernel"),
             }
         }
-        if self.want_passthrough && crate::sys::geteuid() == 0 {
+        if self.want_passthrough && crate::sys::geteuid() == 0 && initial_user_namespace() {
             match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
                 Ok(()) => match config.set_max_stack_depth(self.union.stack_depth()) {
                     Ok(_) => {
@@ -226,7 +252,10 @@ impl Filesystem for UnionFs {
                 Err(_) => log::info!("capability passthrough: not offered by the kernel"),
             }
         } else {
-            log::info!("capability passthrough: off (not asked for, or not root)");
+            log::info!(
+                "capability passthrough: off (not asked for, or not root in the initial user \
+                 namespace)"
+            );
         }
         match config.set_max_write(self.max_write) {
             Ok(_) => log::info!("max_write {}", self.max_write),
@@ -418,30 +447,13 @@ impl Filesystem for UnionFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let writable = crate::union::file::writable(flags.0);
-        if self.passthrough() && writable && !self.wait_lower_backing_gone(ino.0) {
-            return reply.error(Errno::ETXTBSY);
-        }
         let fh = match self.union.open(&ctx(req), ino.0, flags.0) {
             Ok(fh) => fh,
             Err(e) => return reply.error(errno(e)),
         };
-        if !self.passthrough() {
-            return reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
-            );
-        }
-        match self.backing_for(ino.0, fh, writable, |f| reply.open_backing(f)) {
-            Ok(id) => {
-                // Before the reply: its RELEASE may be handled on another thread at once.
-                self.fh_backing.insert(fh, id.clone());
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id);
-            }
-            Err(e) => {
-                self.union.release(fh);
-                reply.error(errno(e));
-            }
+        match self.choose_io(ino.0, fh, |f| reply.open_backing(f)) {
+            Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id),
+            None => reply.opened(FileHandle(fh), self.cached_flags(fh)),
         }
     }
 
@@ -501,7 +513,7 @@ impl Filesystem for UnionFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.release_backing(_ino.0, fh.0);
+        self.release_io(_ino.0, fh.0);
         self.union.release(fh.0);
         reply.ok();
     }
@@ -634,32 +646,22 @@ impl Filesystem for UnionFs {
             Err(e) => return reply.error(errno(e)),
         };
         let attr = entry_attr(&node, &st);
-        if !self.passthrough() {
-            return reply.created(
+        match self.choose_io(node.id, fh, |f| reply.open_backing(f)) {
+            Some(id) => reply.created_passthrough(
                 &TTL,
                 &attr,
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
-            );
-        }
-        match self.backing_for(node.id, fh, true, |f| reply.open_backing(f)) {
-            Ok(id) => {
-                self.fh_backing.insert(fh, id.clone());
-                reply.created_passthrough(
-                    &TTL,
-                    &attr,
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_NOFLUSH,
-                    &id,
-                );
-            }
-            Err(e) => {
-                // The file exists now; the open failed. As for a failed open after O_CREAT.
-                self.union.release(fh);
-                reply.error(errno(e));
-            }
+                FopenFlags::FOPEN_NOFLUSH,
+                &id,
+            ),
+            None => reply.created(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                self.cached_flags(fh),
+            ),
         }
     }
 
@@ -748,6 +750,15 @@ fn entry_attr(node: &crate::union::node::Node, st: &Attr) -> FileAttr {
     let mut a = attr(st);
     a.ino = INodeNo(node.id);
     a
+}
+
+/// Backing files need CAP_SYS_ADMIN in the initial user namespace: true when this process
+/// runs in it (its uid map is the identity map of all ids).
+fn initial_user_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| {
+        let f: Vec<&str> = m.split_whitespace().collect();
+        f == ["0", "0", "4294967295"]
+    })
 }
 
 fn negative_attr() -> FileAttr {

@@ -490,6 +490,15 @@ pub fn mount_paths_env(
         opts.push(',');
         opts.push_str(e);
     }
+    // Whole suites can be rerun with extra unionmount options, e.g.
+    // UNIONMOUNT_TEST_OPTS=passthrough=off for the path without FUSE passthrough.
+    if *driver == Driver::Unionmount
+        && let Ok(more) = std::env::var("UNIONMOUNT_TEST_OPTS")
+        && !more.is_empty()
+    {
+        opts.push(',');
+        opts.push_str(&more);
+    }
     let mut cmd = match driver {
         Driver::Kernel => {
             let mut c = Command::new("mount");
