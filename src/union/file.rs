@@ -10,7 +10,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use nix::fcntl::OFlag;
 
@@ -18,6 +18,21 @@ use super::copyup::Data;
 use super::node::{Node, NodeId};
 use super::readdir::{self, DirEntry};
 use super::{Ctx, Union, err, nix_err};
+
+/// An open directory: its listing is built on the first readdir.
+pub struct DirStream {
+    node: Arc<Node>,
+    entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
+}
+
+impl DirStream {
+    fn new(node: Arc<Node>) -> DirStream {
+        DirStream {
+            node,
+            entries: Mutex::new(None),
+        }
+    }
+}
 
 pub struct Handle {
     pub node: Arc<Node>,
@@ -236,20 +251,43 @@ impl Union {
 
     // ----- directories -----
 
-    /// Builds the merged listing once; readdir serves it by offset.
+    /// Opens a directory stream. The merged listing is built on the first readdir, not
+    /// here: with the kernel's readdir cache most opendirs are never followed by one.
     pub fn opendir(&self, ino: NodeId) -> io::Result<u64> {
         let node = self.nodes.get(ino)?;
         if !node.is_dir() {
             return Err(err(libc::ENOTDIR));
         }
-        let path = self.path_of(&node)?;
-        let mut dirs = Vec::new();
-        for li in node.layers() {
-            dirs.push((&self.layers[li], self.layers[li].open_dir(&path)?));
+        let fh = self.new_fh();
+        self.dirs.insert(fh, Arc::new(DirStream::new(node)));
+        Ok(fh)
+    }
+
+    /// The listing of an open directory stream, built once and served by offset.
+    pub fn dir_entries(&self, fh: u64) -> io::Result<Arc<Vec<DirEntry>>> {
+        let stream = self
+            .dirs
+            .get(&fh)
+            .map(|d| d.clone())
+            .ok_or_else(|| err(libc::EBADF))?;
+        let mut slot = stream.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = slot.as_ref() {
+            return Ok(e.clone());
         }
+        let entries = Arc::new(self.list_dir(&stream.node)?);
+        *slot = Some(entries.clone());
+        Ok(entries)
+    }
+
+    fn list_dir(&self, node: &Node) -> io::Result<Vec<DirEntry>> {
+        let layers = node.layers();
+        let fds = layers
+            .iter()
+            .map(|&li| self.dir_in(node, li))
+            .collect::<io::Result<Vec<_>>>()?;
         let mut entries = Vec::with_capacity(64);
-        let parent_ino = match node.primary() {
-            Some((p, _)) => self.nodes.get(p).map(|p| p.ino).unwrap_or(1),
+        let parent_ino = match self.nodes.live_alias(node) {
+            Some((p, _)) => p,
             None => node.ino,
         };
         entries.push(DirEntry {
@@ -262,17 +300,26 @@ impl Union {
             ino: parent_ino,
             kind: libc::S_IFDIR,
         });
-        entries.extend(readdir::merge(&dirs, &self.nodes.inos)?);
-        let fh = self.new_fh();
-        self.dirs.insert(fh, Arc::new(entries));
-        Ok(fh)
+        entries.extend(self.merge_listing(&layers, &fds)?);
+        Ok(entries)
     }
 
-    pub fn dir_entries(&self, fh: u64) -> io::Result<Arc<Vec<DirEntry>>> {
-        self.dirs
-            .get(&fh)
-            .map(|d| d.clone())
-            .ok_or_else(|| err(libc::EBADF))
+    /// The merged entries of one directory from its fds in `layers` (top first).
+    pub(crate) fn merge_listing(
+        &self,
+        layers: &[usize],
+        fds: &[impl AsFd],
+    ) -> io::Result<Vec<DirEntry>> {
+        let dirs: Vec<readdir::LayerDir> = layers
+            .iter()
+            .zip(fds)
+            .map(|(&li, fd)| readdir::LayerDir {
+                idx: li,
+                layer: &self.layers[li],
+                fd: fd.as_fd(),
+            })
+            .collect();
+        readdir::merge(&dirs, &self.nodes.inos, |d, li| self.marks_of(d, li))
     }
 
     pub fn releasedir(&self, fh: u64) {

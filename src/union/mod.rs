@@ -11,6 +11,7 @@
 //! - no lock is held across I/O except a node's `copy_lock` during its own copy-up.
 
 pub mod copyup;
+pub mod dircache;
 pub mod file;
 pub mod names;
 pub mod node;
@@ -73,7 +74,8 @@ pub struct Union {
     work: Option<OwnedFd>,
     pub nodes: NodeTable,
     pub(crate) handles: DashMap<u64, Arc<file::Handle>>,
-    pub(crate) dirs: DashMap<u64, Arc<Vec<readdir::DirEntry>>>,
+    pub(crate) cache: dircache::DirCache,
+    pub(crate) dirs: DashMap<u64, Arc<file::DirStream>>,
     next_fh: AtomicU64,
     tmp_seq: AtomicU64,
     pub markers: MarkerWriter,
@@ -137,6 +139,7 @@ impl Union {
             has_upper,
             work,
             handles: DashMap::new(),
+            cache: dircache::DirCache::default(),
             dirs: DashMap::new(),
             next_fh: AtomicU64::new(1),
             tmp_seq: AtomicU64::new(0),
@@ -190,16 +193,55 @@ impl Union {
     }
 
     /// A directory node opened in layer `li`.
-    pub(crate) fn dir_in(&self, dir: &Node, li: LayerIdx) -> io::Result<OwnedFd> {
-        self.layers[li].open_dir(&self.path_of(dir)?)
+    pub(crate) fn dir_in(&self, dir: &Node, li: LayerIdx) -> io::Result<Arc<OwnedFd>> {
+        self.cache
+            .fd(dir.id, li, || self.layers[li].open_dir(&self.path_of(dir)?))
+    }
+
+    /// Markers of a directory open in layer `li` (cached for lower layers).
+    pub(crate) fn marks_of(&self, dir: BorrowedFd, li: LayerIdx) -> io::Result<whiteout::DirMarks> {
+        if self.is_upper(li) {
+            return whiteout::dir_marks(dir);
+        }
+        let st = nix::sys::stat::fstat(dir).map_err(nix_err)?;
+        self.cache
+            .lower_marks(RealId::of(&st), || whiteout::dir_marks(dir))
+    }
+
+    /// Is the directory `name` (stat'ed as `st`) in `dir` of layer `li` opaque?
+    fn child_opaque(
+        &self,
+        dir: BorrowedFd,
+        name: &OsStr,
+        st: &FileStat,
+        li: LayerIdx,
+    ) -> io::Result<bool> {
+        let read = || {
+            let fd = open_at(
+                dir,
+                name,
+                nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
+                0,
+            )?;
+            whiteout::dir_marks(fd.as_fd())
+        };
+        if self.is_upper(li) {
+            return Ok(read()?.opaque);
+        }
+        Ok(self.cache.lower_marks(RealId::of(st), read)?.opaque)
     }
 
     /// The parent directory of `node` opened in layer `li`, and the node's name in it.
     /// For the root: the root itself and ".".
-    pub(crate) fn parent_in(&self, node: &Node, li: LayerIdx) -> io::Result<(OwnedFd, OsString)> {
+    pub(crate) fn parent_in(
+        &self,
+        node: &Node,
+        li: LayerIdx,
+    ) -> io::Result<(Arc<OwnedFd>, OsString)> {
         match self.nodes.live_alias(node) {
             None if node.id == node::ROOT_ID => Ok((
-                self.layers[li].open_dir(Path::new("."))?,
+                self.cache
+                    .fd(node.id, li, || self.layers[li].open_dir(Path::new(".")))?,
                 OsString::from("."),
             )),
             None => Err(err(libc::ENOENT)),
@@ -226,11 +268,9 @@ impl Union {
 
     /// Resolves `name` in directory `parent` across its layers (DESIGN 2.1).
     pub fn resolve(&self, parent: &Node, name: &OsStr) -> io::Result<Option<(Found, FileStat)>> {
-        let ppath = self.path_of(parent)?;
         let mut found: Option<(Found, FileStat)> = None;
         for li in parent.layers() {
-            let layer = &self.layers[li];
-            let dir = match layer.open_dir(&ppath) {
+            let dir = match self.dir_in(parent, li) {
                 Ok(d) => d,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
                     continue;
@@ -239,7 +279,7 @@ impl Union {
             };
             let dfd = dir.as_fd();
             if let Some(st) = try_stat_at(dfd, name)? {
-                if self.entry_is_whiteout(dfd, name, &st)? {
+                if self.entry_is_whiteout(dfd, li, name, &st)? {
                     break;
                 }
                 let d = is_dir(&st);
@@ -253,14 +293,14 @@ impl Union {
                             },
                             st,
                         ));
-                        if !d || child_opaque(dfd, name)? {
+                        if !d || self.child_opaque(dfd, name, &st, li)? {
                             break;
                         }
                     }
                     Some((f, _)) => {
                         if f.kind == libc::S_IFDIR && d {
                             f.layers.push(li);
-                            if child_opaque(dfd, name)? {
+                            if self.child_opaque(dfd, name, &st, li)? {
                                 break;
                             }
                         } else {
@@ -276,12 +316,18 @@ impl Union {
         Ok(found)
     }
 
-    fn entry_is_whiteout(&self, dir: BorrowedFd, name: &OsStr, st: &FileStat) -> io::Result<bool> {
+    fn entry_is_whiteout(
+        &self,
+        dir: BorrowedFd,
+        li: LayerIdx,
+        name: &OsStr,
+        st: &FileStat,
+    ) -> io::Result<bool> {
         if whiteout::is_chardev_whiteout(st) {
             return Ok(true);
         }
         if crate::layer::file_type(st) == libc::S_IFREG && st.st_size == 0 {
-            let marks = whiteout::dir_marks(dir)?;
+            let marks = self.marks_of(dir, li)?;
             return whiteout::is_whiteout(dir, &marks, name, st);
         }
         Ok(false)
@@ -290,9 +336,8 @@ impl Union {
     /// Would removing the upper entry at (parent, name) expose something from a lower layer?
     /// (overlayfs' "lower positive": decides whether a whiteout must be left.)
     pub fn lower_positive(&self, parent: &Node, name: &OsStr) -> io::Result<bool> {
-        let ppath = self.path_of(parent)?;
         for li in parent.layers() {
-            let dir = match self.layers[li].open_dir(&ppath) {
+            let dir = match self.dir_in(parent, li) {
                 Ok(d) => d,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
                     continue;
@@ -303,7 +348,7 @@ impl Union {
             if !self.is_upper(li)
                 && let Some(st) = try_stat_at(dfd, name)?
             {
-                return Ok(!self.entry_is_whiteout(dfd, name, &st)?);
+                return Ok(!self.entry_is_whiteout(dfd, li, name, &st)?);
             }
             if try_stat_at(dfd, &oci_name(name))?.is_some() {
                 return Ok(false);
@@ -422,7 +467,7 @@ impl Union {
     fn upper_slot(&self, udir: BorrowedFd, name: &OsStr) -> io::Result<UpperSlot> {
         let mut slot = UpperSlot::default();
         if let Some(st) = try_stat_at(udir, name)? {
-            if self.entry_is_whiteout(udir, name, &st)? {
+            if self.entry_is_whiteout(udir, 0, name, &st)? {
                 slot.whiteout = true;
             } else {
                 return Err(err(libc::EEXIST));
@@ -507,16 +552,6 @@ impl ChildRef {
             ChildRef::Unbound(f) => f.layers.clone(),
         }
     }
-}
-
-fn child_opaque(dir: BorrowedFd, name: &OsStr) -> io::Result<bool> {
-    let fd = open_at(
-        dir,
-        name,
-        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
-        0,
-    )?;
-    Ok(whiteout::dir_marks(fd.as_fd())?.opaque)
 }
 
 fn map_out(map: &[IdMap], id: u32) -> u32 {

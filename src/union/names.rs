@@ -342,11 +342,11 @@ impl Union {
         } else {
             ppath.join(name)
         };
-        let mut dirs = Vec::new();
-        for li in layers {
-            dirs.push((&self.layers[li], self.layers[li].open_dir(&path)?));
-        }
-        Ok(super::readdir::merge(&dirs, &self.nodes.inos)?.is_empty())
+        let fds = layers
+            .iter()
+            .map(|&li| self.layers[li].open_dir(&path))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(self.merge_listing(&layers, &fds)?.is_empty())
     }
 
     /// rename(2) / renameat2(2) with RENAME_NOREPLACE and RENAME_EXCHANGE.
@@ -486,12 +486,11 @@ impl Union {
 
     /// Is `name` present (even hidden by an upper whiteout) in a lower layer of `parent`?
     fn lower_has_name(&self, parent: &Node, name: &OsStr) -> io::Result<bool> {
-        let ppath = self.path_of(parent)?;
         for li in parent.layers() {
             if self.is_upper(li) {
                 continue;
             }
-            let Ok(dir) = self.layers[li].open_dir(&ppath) else {
+            let Ok(dir) = self.dir_in(parent, li) else {
                 continue;
             };
             if let Some(st) = try_stat_at(dir.as_fd(), name)? {
@@ -504,7 +503,7 @@ impl Union {
     fn upper_target(&self, udir: BorrowedFd, name: &OsStr) -> io::Result<Target> {
         let mut t = Target::default();
         if let Some(st) = try_stat_at(udir, name)? {
-            if self.entry_is_whiteout(udir, name, &st)? {
+            if self.entry_is_whiteout(udir, 0, name, &st)? {
                 t.slot.whiteout = true;
             } else if is_dir(&st) {
                 t.dir_in_upper = true;

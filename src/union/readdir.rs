@@ -8,12 +8,12 @@
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use nix::dir::{Dir, Type};
 
-use crate::layer::{Layer, RealId, file_type, try_stat_at};
+use crate::layer::{Layer, LayerIdx, RealId, file_type, open_at, try_stat_at};
 use crate::union::node::InoTable;
 use crate::union::whiteout::{self, OPAQUE_MARKER};
 
@@ -30,16 +30,16 @@ pub fn list_names(dir: BorrowedFd) -> io::Result<Vec<OsString>> {
     Ok(raw_entries(dir)?.into_iter().map(|(n, _, _)| n).collect())
 }
 
-fn dup(dir: BorrowedFd) -> io::Result<OwnedFd> {
-    dir.try_clone_to_owned()
-}
-
-/// (name, d_ino, d_type) of every entry except "." and "..". Reads through a duplicate fd
-/// rewound to the start, so the caller's fd is left alone.
+/// (name, d_ino, d_type) of every entry except "." and "..". Reads through a fresh open of
+/// the directory: a `dup` would share the file offset with the caller's (possibly cached
+/// and concurrently used) fd.
 fn raw_entries(dir: BorrowedFd) -> io::Result<Vec<(OsString, u64, Option<Type>)>> {
-    let fd = dup(dir)?;
-    // The duplicate shares the file offset: rewind so a listing always starts at the top.
-    crate::sys::lseek(fd.as_fd(), 0, libc::SEEK_SET)?;
+    let fd: OwnedFd = open_at(
+        dir,
+        OsStr::new("."),
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
+        0,
+    )?;
     let mut d = Dir::from_fd(fd).map_err(|e| io::Error::from_raw_os_error(e as i32))?;
     let mut out = Vec::new();
     for ent in d.iter() {
@@ -69,14 +69,25 @@ fn type_bits(t: Type) -> u32 {
     }
 }
 
+/// One layer's copy of a directory being listed.
+pub struct LayerDir<'a> {
+    pub idx: LayerIdx,
+    pub layer: &'a Layer,
+    pub fd: BorrowedFd<'a>,
+}
+
 /// Merges the listings of one directory across `dirs` (its open fd in each layer it
-/// merges, top first).
-pub fn merge(dirs: &[(&Layer, OwnedFd)], inos: &InoTable) -> io::Result<Vec<DirEntry>> {
+/// merges, top first). `marks` reads a directory's markers (cached for lower layers).
+pub fn merge(
+    dirs: &[LayerDir],
+    inos: &InoTable,
+    marks: impl Fn(BorrowedFd, LayerIdx) -> io::Result<whiteout::DirMarks>,
+) -> io::Result<Vec<DirEntry>> {
     let mut decided: HashSet<OsString> = HashSet::new();
     let mut out = Vec::new();
-    for (layer, fd) in dirs {
-        let dir = fd.as_fd();
-        let marks = whiteout::dir_marks(dir)?;
+    for d in dirs {
+        let (layer, dir) = (d.layer, d.fd);
+        let marks = marks(dir, d.idx)?;
         let mut hidden_below = Vec::new();
         for (name, d_ino, d_type) in raw_entries(dir)? {
             if name.as_bytes() == OPAQUE_MARKER {
