@@ -234,6 +234,8 @@ impl Filesystem for UnionFs {
             (InitFlags::FUSE_ATOMIC_O_TRUNC, "atomic_o_trunc"),
             (InitFlags::FUSE_PARALLEL_DIROPS, "parallel_dirops"),
             (InitFlags::FUSE_CACHE_SYMLINKS, "cache_symlinks"),
+            (InitFlags::FUSE_DO_READDIRPLUS, "readdirplus"),
+            (InitFlags::FUSE_READDIRPLUS_AUTO, "readdirplus_auto"),
         ] {
             match config.add_capabilities(flag) {
                 Ok(()) => log::info!("capability {name}: on"),
@@ -553,6 +555,52 @@ impl Filesystem for UnionFs {
         };
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(e.ino), (i + 1) as u64, kind(e.kind), &e.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    /// Entries with their attributes: each one the kernel receives counts as a lookup (except
+    /// "." and "..", which it never links), so an entry that does not fit is forgotten again.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let entries = match self.union.dir_entries(fh.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(e)),
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let next = (i + 1) as u64;
+            let dots = e.name == "." || e.name == "..";
+            let found = if dots {
+                self.union
+                    .nodes
+                    .get(e.ino)
+                    .and_then(|n| self.union.getattr(&n).map(|st| (n, st)))
+            } else {
+                self.union.lookup(ino.0, &e.name)
+            };
+            let Ok((node, st)) = found else {
+                // Gone since the listing was made: leave it out.
+                continue;
+            };
+            if reply.add(
+                INodeNo(node.id),
+                next,
+                &e.name,
+                &TTL,
+                &entry_attr(&node, &st),
+                Generation(0),
+            ) {
+                if !dots {
+                    self.union.nodes.forget(node.id, 1);
+                }
                 break;
             }
         }
