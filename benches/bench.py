@@ -81,6 +81,26 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, **kw)
 
 
+def run_group(cmd, cwd=None, capture=True):
+    """Run a command in its own process group; on any interruption kill the whole group, so
+    that nothing keeps a mount busy. Returns (rc, stdout, stderr)."""
+    shell = isinstance(cmd, str)
+    p = subprocess.Popen(cmd, cwd=cwd, shell=shell, executable="/bin/bash" if shell else None,
+                         stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = p.communicate()
+    except BaseException:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        p.wait()
+        raise
+    return p.returncode, (out or b"").decode(errors="replace"), err.decode(errors="replace")
+
+
 def hkey(seed, s):
     return hashlib.sha1((seed + "\0" + s).encode()).hexdigest()
 
@@ -139,13 +159,13 @@ def proc_mem(pid):
 def umount(mnt, pids=None):
     if pids is None:
         pids = daemon_pids(mnt)
-    for attempt in range(20):
+    for attempt in range(10):
         if not is_mounted(mnt):
             break
         r = subprocess.run(["umount", mnt], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if r.returncode == 0:
             break
-        time.sleep(0.1 * (attempt + 1))
+        time.sleep(0.05 * (attempt + 1))
     if is_mounted(mnt):
         subprocess.run(["umount", "-l", mnt], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # wait for the daemons to be gone, so that the next mount does not overlap them
@@ -738,15 +758,11 @@ class Bench:
 
     def timed(self, cmd, cwd, capture=True):
         t0 = time.perf_counter()
-        r = subprocess.run(cmd, cwd=cwd, shell=isinstance(cmd, str),
-                           executable="/bin/bash" if isinstance(cmd, str) else None,
-                           stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, check=False)
+        rc, out, err = run_group(cmd, cwd, capture)
         dt = time.perf_counter() - t0
-        if r.returncode != 0:
-            raise RuntimeError("command failed (rc %d): %s\n%s" % (
-                r.returncode, cmd, r.stderr.decode(errors="replace")[-2000:]))
-        return dt, (r.stdout.decode().strip() if capture else "")
+        if rc != 0:
+            raise RuntimeError("command failed (rc %d): %s\n%s" % (rc, cmd, err[-2000:]))
+        return dt, out.strip()
 
     def warm_paths(self, rels, roots):
         """Read files (page cache) from the native copy and the layers, untimed."""
@@ -754,8 +770,7 @@ class Bench:
             for rel in rels:
                 p = os.path.join(root, rel)
                 if os.path.isdir(p):
-                    subprocess.run("tar -cf - . | wc -c", shell=True, cwd=p,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    run_group("tar -cf - . | wc -c", p, capture=False)
                 elif os.path.isfile(p):
                     with open(p, "rb") as f:
                         while f.read(1 << 20):
@@ -931,8 +946,7 @@ class Bench:
             cwd = os.path.join(m.root, rootrel)
             os.sync()
             t0 = time.perf_counter()
-            subprocess.run([PYTHON, "-m", "compileall", "-q"] + args, cwd=cwd,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            run_group([PYTHON, "-m", "compileall", "-q"] + args, cwd, capture=False)
             os.sync()
             self.record("compileall", d, time.perf_counter() - t0)
             _, out = self.timed("find . -name '*.pyc' | wc -l", cwd)
@@ -945,6 +959,14 @@ class Bench:
         misses = ["t/missing%04d" % k for k in range(N_STAT)]
         for n in sets:
             lowers = [str(i) for i in range(n - 1, -1, -1)]
+            # the same warm state of the underlying file system for every driver: dentries of
+            # the targets in the bottom layer and negative dentries of the misses in each layer
+            for i in range(n):
+                for name in (hits if i == 0 else []) + misses:
+                    try:
+                        os.stat(os.path.join(P("small", str(i)), name))
+                    except FileNotFoundError:
+                        pass
             if d == "native":
                 root = P("small", "0")
                 m = None

@@ -70,12 +70,13 @@ impl Union {
         if node.is_dir() {
             of |= OFlag::O_DIRECTORY;
         }
-        let path = self.path_of(node)?;
-        match self.layers[li].open_rel(&path, of, 0) {
+        // Through the cached parent directory: one openat of one name, never following it.
+        let (dir, name) = self.parent_in(node, li)?;
+        match crate::layer::open_at(dir.as_fd(), &name, of, 0) {
             // O_NOATIME is refused for files the caller does not own: drop it, as it is only
             // an optimisation.
             Err(e) if e.raw_os_error() == Some(libc::EPERM) && flags & libc::O_NOATIME != 0 => {
-                self.layers[li].open_rel(&path, of & !OFlag::O_NOATIME, 0)
+                crate::layer::open_at(dir.as_fd(), &name, of & !OFlag::O_NOATIME, 0)
             }
             r => r,
         }
