@@ -10,6 +10,7 @@ cargo clippy --all-targets --quiet -- -D warnings
 threads="${UNIONMOUNT_TEST_THREADS:-4}"
 cargo test --all-targets -- --test-threads="$threads"
 # The same semantic and differential suites once more without FUSE passthrough (the path
-# rootless mounts and older kernels take).
-UNIONMOUNT_TEST_OPTS=passthrough=off cargo test --test semantics --test differential \
+# rootless mounts and older kernels take), and with every directory's lookups going through
+# the name index that is otherwise used only for directories merging 8+ lower layers.
+UNIONMOUNT_TEST_OPTS=passthrough=off UNIONMOUNT_TEST_INDEX_MIN_LOWERS=1 cargo test --test semantics --test differential \
   --test hardlinks --test upper_format -- --test-threads="$threads"

@@ -6,23 +6,78 @@
 //!   the daemon never pins an fd per inode.
 //! - Markers (opaque / xattr-whiteout flags) of LOWER directories by (dev, ino): lowers
 //!   are immutable, so an entry never goes stale. Upper directories are always re-read.
+//! - Name indexes of directories that merge many lower layers, by node: which of its lower
+//!   layers hold a name (or a `.wh.` for it), so that a lookup probes only those layers,
+//!   O(layers that hold the name) instead of O(layers). Built from the lowers only, which
+//!   never change; a node's lower layers never change either (only pure-upper directories
+//!   move). Bounded like the fds.
 
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use dashmap::DashMap;
 
 use super::node::NodeId;
-use super::whiteout::DirMarks;
+use super::whiteout::{DirMarks, OPAQUE_MARKER, oci_whiteout_target};
 use crate::layer::{LayerIdx, RealId};
 
 const FD_CAP: usize = 4096;
+const INDEX_CAP: usize = 512;
+
+/// Where a name occurs among a directory's lower layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Occurrence {
+    pub layer: LayerIdx,
+    /// The layer has an entry with the name.
+    pub entry: bool,
+    /// The layer has `.wh.NAME` (hides the name in the layers below it).
+    pub oci_whiteout: bool,
+}
+
+/// name → its occurrences, top layer first.
+#[derive(Default)]
+pub struct NameIndex {
+    map: HashMap<OsString, Vec<Occurrence>>,
+}
+
+impl NameIndex {
+    /// Adds one layer's names (call top layer first).
+    pub fn add_layer(&mut self, layer: LayerIdx, names: Vec<OsString>) {
+        for name in names {
+            let (key, oci) = match oci_whiteout_target(&name) {
+                Some(t) => (t.to_os_string(), true),
+                None if name.as_bytes() == OPAQUE_MARKER => continue,
+                None => (name, false),
+            };
+            let occ = self.map.entry(key).or_default();
+            match occ.last_mut() {
+                Some(o) if o.layer == layer => {
+                    o.entry |= !oci;
+                    o.oci_whiteout |= oci;
+                }
+                _ => occ.push(Occurrence {
+                    layer,
+                    entry: !oci,
+                    oci_whiteout: oci,
+                }),
+            }
+        }
+    }
+
+    pub fn get(&self, name: &OsStr) -> &[Occurrence] {
+        self.map.get(name).map_or(&[], Vec::as_slice)
+    }
+}
 
 #[derive(Default)]
 pub struct DirCache {
     fds: DashMap<(NodeId, LayerIdx), Arc<OwnedFd>>,
     marks: DashMap<RealId, DirMarks>,
+    indexes: DashMap<NodeId, Arc<NameIndex>>,
 }
 
 impl DirCache {
@@ -56,6 +111,30 @@ impl DirCache {
         self.fds.retain(|(n, _), _| *n != node);
     }
 
+    pub fn index(
+        &self,
+        node: NodeId,
+        build: impl FnOnce() -> io::Result<NameIndex>,
+    ) -> io::Result<Arc<NameIndex>> {
+        if let Some(ix) = self.indexes.get(&node) {
+            return Ok(ix.clone());
+        }
+        let ix = Arc::new(build()?);
+        if self.indexes.len() >= INDEX_CAP {
+            let victims: Vec<_> = self
+                .indexes
+                .iter()
+                .take(INDEX_CAP / 10)
+                .map(|e| *e.key())
+                .collect();
+            for v in victims {
+                self.indexes.remove(&v);
+            }
+        }
+        self.indexes.insert(node, ix.clone());
+        Ok(ix)
+    }
+
     pub fn lower_marks(
         &self,
         id: RealId,
@@ -67,5 +146,58 @@ impl DirCache {
         let m = read()?;
         self.marks.insert(id, m);
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_records_entries_and_oci_whiteouts_per_layer() {
+        let mut ix = NameIndex::default();
+        let n = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        ix.add_layer(1, n(&["a", ".wh.b", ".wh..wh..opq", "c", ".wh.c"]));
+        ix.add_layer(2, n(&["b", "a"]));
+        assert_eq!(
+            ix.get(OsStr::new("a")),
+            &[
+                Occurrence {
+                    layer: 1,
+                    entry: true,
+                    oci_whiteout: false
+                },
+                Occurrence {
+                    layer: 2,
+                    entry: true,
+                    oci_whiteout: false
+                },
+            ]
+        );
+        assert_eq!(
+            ix.get(OsStr::new("b")),
+            &[
+                Occurrence {
+                    layer: 1,
+                    entry: false,
+                    oci_whiteout: true
+                },
+                Occurrence {
+                    layer: 2,
+                    entry: true,
+                    oci_whiteout: false
+                },
+            ]
+        );
+        assert_eq!(
+            ix.get(OsStr::new("c")),
+            &[Occurrence {
+                layer: 1,
+                entry: true,
+                oci_whiteout: true
+            }]
+        );
+        assert!(ix.get(OsStr::new(".wh..opq")).is_empty());
+        assert!(ix.get(OsStr::new("zz")).is_empty());
     }
 }

@@ -84,6 +84,7 @@ pub struct Union {
     pub namemax: u32,
     /// The daemon may chown (runs as root).
     can_chown: bool,
+    index_min_lowers: usize,
 }
 
 /// Whether (parent, name) is taken in the upper, and by what.
@@ -162,6 +163,7 @@ impl Union {
             },
             namemax: (statfs.name_max() as u32).saturating_sub(4),
             can_chown,
+            index_min_lowers: index_min_lowers(),
         })
     }
 
@@ -269,7 +271,8 @@ impl Union {
     /// Resolves `name` in directory `parent` across its layers (DESIGN 2.1).
     pub fn resolve(&self, parent: &Node, name: &OsStr) -> io::Result<Option<(Found, FileStat)>> {
         let mut found: Option<(Found, FileStat)> = None;
-        for li in parent.layers() {
+        for probe in self.probes(parent, name)? {
+            let li = probe.layer;
             let dir = match self.dir_in(parent, li) {
                 Ok(d) => d,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
@@ -278,7 +281,12 @@ impl Union {
                 Err(e) => return Err(e),
             };
             let dfd = dir.as_fd();
-            if let Some(st) = try_stat_at(dfd, name)? {
+            let entry = if probe.entry {
+                try_stat_at(dfd, name)?
+            } else {
+                None
+            };
+            if let Some(st) = entry {
                 if self.entry_is_whiteout(dfd, li, name, &st)? {
                     break;
                 }
@@ -309,11 +317,60 @@ impl Union {
                     }
                 }
             }
-            if try_stat_at(dfd, &oci_name(name))?.is_some() {
+            let oci = match probe.oci_whiteout {
+                Some(known) => known,
+                None => try_stat_at(dfd, &oci_name(name))?.is_some(),
+            };
+            if oci {
                 break;
             }
         }
         Ok(found)
+    }
+
+    /// The layers of `parent` that may hold `name`, top first. Directories that merge many
+    /// lower layers answer from their name index (DESIGN 5: O(layers that hold the name));
+    /// others are probed layer by layer.
+    fn probes(&self, parent: &Node, name: &OsStr) -> io::Result<Vec<Probe>> {
+        let layers = parent.layers();
+        let lowers = layers.iter().filter(|&&l| !self.is_upper(l)).count();
+        if lowers < self.index_min_lowers {
+            return Ok(layers
+                .into_iter()
+                .map(|layer| Probe {
+                    layer,
+                    entry: true,
+                    oci_whiteout: None,
+                })
+                .collect());
+        }
+        let index = self.cache.index(parent.id, || {
+            let mut ix = dircache::NameIndex::default();
+            for &li in layers.iter().filter(|&&l| !self.is_upper(l)) {
+                match self.dir_in(parent, li) {
+                    Ok(fd) => ix.add_layer(li, readdir::list_names(fd.as_fd())?),
+                    Err(e)
+                        if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(ix)
+        })?;
+        let mut probes = Vec::new();
+        if let Some(&u) = layers.first().filter(|&&l| self.is_upper(l)) {
+            probes.push(Probe {
+                layer: u,
+                entry: true,
+                oci_whiteout: None,
+            });
+        }
+        probes.extend(index.get(name).iter().map(|o| Probe {
+            layer: o.layer,
+            entry: o.entry,
+            oci_whiteout: Some(o.oci_whiteout),
+        }));
+        Ok(probes)
     }
 
     fn entry_is_whiteout(
@@ -336,7 +393,8 @@ impl Union {
     /// Would removing the upper entry at (parent, name) expose something from a lower layer?
     /// (overlayfs' "lower positive": decides whether a whiteout must be left.)
     pub fn lower_positive(&self, parent: &Node, name: &OsStr) -> io::Result<bool> {
-        for li in parent.layers() {
+        for probe in self.probes(parent, name)? {
+            let li = probe.layer;
             let dir = match self.dir_in(parent, li) {
                 Ok(d) => d,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
@@ -346,11 +404,16 @@ impl Union {
             };
             let dfd = dir.as_fd();
             if !self.is_upper(li)
+                && probe.entry
                 && let Some(st) = try_stat_at(dfd, name)?
             {
                 return Ok(!self.entry_is_whiteout(dfd, li, name, &st)?);
             }
-            if try_stat_at(dfd, &oci_name(name))?.is_some() {
+            let oci = match probe.oci_whiteout {
+                Some(known) => known,
+                None => try_stat_at(dfd, &oci_name(name))?.is_some(),
+            };
+            if oci {
                 return Ok(false);
             }
         }
@@ -531,6 +594,25 @@ impl Union {
         let f = h.file();
         nix::sys::stat::fstat(f.as_fd()).ok()
     }
+}
+
+/// Directories merging at least this many lower layers get a name index.
+const INDEX_MIN_LOWERS: usize = 8;
+
+fn index_min_lowers() -> usize {
+    // Test hook: index every directory, so the suites check the index against the kernel.
+    std::env::var("UNIONMOUNT_TEST_INDEX_MIN_LOWERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(INDEX_MIN_LOWERS)
+}
+
+/// One layer to look at for a name: whether it may have an entry, and whether it has
+/// `.wh.NAME` (None: not known, look).
+struct Probe {
+    layer: LayerIdx,
+    entry: bool,
+    oci_whiteout: Option<bool>,
 }
 
 /// A child found for a namespace operation.
