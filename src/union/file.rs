@@ -135,10 +135,10 @@ impl Union {
         Ok(h.file())
     }
 
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> io::Result<Vec<u8>> {
+    /// Reads at `offset` into `buf` (until full or end of file); returns the length read.
+    pub fn read_into(&self, fh: u64, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         let h = self.handle(fh)?;
         let f = self.current_file(&h)?;
-        let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
             match f.read_at(&mut buf[done..], offset + done as u64) {
@@ -148,8 +148,7 @@ impl Union {
                 Err(e) => return Err(e),
             }
         }
-        buf.truncate(done);
-        Ok(buf)
+        Ok(done)
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> io::Result<u32> {
