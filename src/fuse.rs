@@ -259,6 +259,16 @@ impl Filesystem for UnionFs {
                  namespace)"
             );
         }
+        if !self.passthrough.load(Ordering::Relaxed) {
+            // Passthrough and the writeback cache exclude each other.
+            match config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE) {
+                Ok(()) => {
+                    self.union.writeback = true;
+                    log::info!("capability writeback_cache: on");
+                }
+                Err(_) => log::info!("capability writeback_cache: not offered by the kernel"),
+            }
+        }
         match config.set_max_write(self.max_write) {
             Ok(_) => log::info!("max_write {}", self.max_write),
             Err(n) => log::info!("max_write limited to {n}"),

@@ -109,6 +109,8 @@ fn passthrough_off_falls_back_to_daemon_io() {
     let (guard, log) = mount_logged(&fx, &["passthrough=off"]);
     assert!(log_says(&log, "capability passthrough: off"));
     assert!(!log_says(&log, "capability passthrough: on"));
+    // Without passthrough, writes are cached by the kernel (writeback cache).
+    assert!(log_says(&log, "capability writeback_cache: on"));
     let f = fx.clone();
     common::with_timeout(30, move || {
         let mut w = fs::OpenOptions::new().append(true).open(f.m("f")).unwrap();
@@ -116,6 +118,18 @@ fn passthrough_off_falls_back_to_daemon_io() {
         drop(w);
         assert_eq!(fs::read(f.m("f")).unwrap(), b"lower!");
         assert_eq!(fs::read(f.u("f")).unwrap(), b"lower!");
+        // O_APPEND through the writeback cache: the kernel places the bytes.
+        for _ in 0..3 {
+            let mut w = fs::OpenOptions::new().append(true).open(f.m("f")).unwrap();
+            w.write_all(b"+").unwrap();
+        }
+        assert_eq!(fs::read(f.m("f")).unwrap(), b"lower!+++");
+        assert_eq!(fs::read(f.u("f")).unwrap(), b"lower!+++");
+        // A write-only open of a file with a read-only-for-others mode still works.
+        let mut w = fs::OpenOptions::new().write(true).open(f.m("f")).unwrap();
+        w.write_all(b"L").unwrap();
+        drop(w);
+        assert_eq!(fs::read(f.m("f")).unwrap(), b"Lower!+++");
     });
     guard.unmount().expect("unmount");
 }

@@ -1631,7 +1631,9 @@ fn long_relative_path_works() {
         })
         .unwrap();
         assert_eq!(st.st_size, 4);
-        // It landed in the upper at the same relative path.
+        // It landed in the upper at the same relative path (once closed: with the writeback
+        // cache, used when passthrough is off, data reaches the upper on flush).
+        drop(f);
         let up = File::open(&fx.upper).unwrap();
         let mut st2: libc::stat = unsafe { std::mem::zeroed() };
         cvt(unsafe { libc::fstatat(up.as_raw_fd(), cf.as_ptr(), &mut st2, 0) }).unwrap();

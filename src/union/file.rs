@@ -70,6 +70,22 @@ impl Union {
         if node.is_dir() {
             of |= OFlag::O_DIRECTORY;
         }
+        if self.writeback {
+            // The kernel computes append offsets itself and writes pages back at their
+            // offsets; it also reads partial pages of files opened write-only.
+            of.remove(OFlag::O_APPEND);
+            if flags & libc::O_ACCMODE == libc::O_WRONLY {
+                let rw = (of & !OFlag::O_ACCMODE) | OFlag::O_RDWR;
+                if let Ok(fd) = self.open_at_parent(node, li, rw) {
+                    return Ok(fd);
+                }
+            }
+        }
+        self.open_at_parent(node, li, of)
+    }
+
+    fn open_at_parent(&self, node: &Node, li: usize, of: OFlag) -> io::Result<OwnedFd> {
+        let flags = of.bits();
         // Through the cached parent directory: one openat of one name, never following it.
         let (dir, name) = self.parent_in(node, li)?;
         match crate::layer::open_at(dir.as_fd(), &name, of, 0) {

@@ -85,6 +85,8 @@ pub struct Union {
     /// The daemon may chown (runs as root).
     can_chown: bool,
     index_min_lowers: usize,
+    /// The kernel caches writes (FUSE writeback cache, negotiated when passthrough is off).
+    pub writeback: bool,
 }
 
 /// Whether (parent, name) is taken in the upper, and by what.
@@ -164,6 +166,7 @@ impl Union {
             namemax: (statfs.name_max() as u32).saturating_sub(4),
             can_chown,
             index_min_lowers: index_min_lowers(),
+            writeback: false,
         })
     }
 
