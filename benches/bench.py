@@ -1052,10 +1052,15 @@ class Bench:
             groups = [g for g in groups if g[0] in only]
         self.groups_run = [g[0] for g in groups]
         t_start = time.time()
+        self.load_before = loadavg()
+        if self.load_before[0] > 0.7:
+            log("WARNING: load average %.2f before the run: something else is using the CPUs"
+                % self.load_before[0])
         for rep in range(a.reps):
             order = timed_drivers[rep % len(timed_drivers):] + timed_drivers[:rep % len(
                 timed_drivers)]
-            log("rep %d/%d, driver order %s" % (rep + 1, a.reps, ", ".join(order)))
+            log("rep %d/%d, driver order %s (load %.2f)" % (rep + 1, a.reps, ", ".join(order),
+                                                          loadavg()[0]))
             for name, fn in groups:
                 t0 = time.time()
                 for d in order:
@@ -1072,6 +1077,7 @@ class Bench:
                                 self.row_wrong[key][d] = "error: %s" % str(e)[:200]
                 log("  %-10s %.1fs" % (name, time.time() - t0))
         self.elapsed = time.time() - t_start
+        self.load_after = loadavg()
 
     # -- report
     def cell(self, key, d):
@@ -1143,6 +1149,11 @@ class Bench:
         return "\n".join(lines)
 
 
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
+
+
 def fmt(v):
     if v is None:
         return "—"
@@ -1173,11 +1184,14 @@ def main():
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--only", default="", help="comma-separated workload groups: mount,walk,"
                     "readall,seqread,randread,copyup,create,delete,compileall,layers,bigdir")
-    ap.add_argument("--drivers", default=",".join(DRIVERS))
+    ap.add_argument("--drivers", default=None, help="comma-separated, default all four "
+                    "(--quick: native,kernel,unionmount)")
     ap.add_argument("--build-only", action="store_true", help="build the dataset and stop")
     a = ap.parse_args()
     a.reps = a.reps or (2 if a.quick else 5)
     a.only = [x for x in a.only.split(",") if x]
+    if a.drivers is None:
+        a.drivers = "native,kernel,unionmount" if a.quick else ",".join(DRIVERS)
     a.drivers = [x for x in a.drivers.split(",") if x]
     if os.geteuid() != 0:
         raise SystemExit("the benchmark needs root (mounts, drop_caches, trusted xattrs)")
@@ -1223,9 +1237,10 @@ def main():
         "# unionmount benchmark %s" % ts,
         "",
         "unionmount %s (%s), fuse-overlayfs %s, kernel %s, %d CPUs, %d reps%s, medians; "
-        "run took %.0f s" % (
+        "run took %.0f s; load average %.2f before, %.2f (5 min) after" % (
             git_rev(), b.unionmount, fo_version(b.fuse_overlayfs), platform.release(),
-            os.cpu_count(), a.reps, " (quick)" if a.quick else "", b.elapsed),
+            os.cpu_count(), a.reps, " (quick)" if a.quick else "", b.elapsed,
+            b.load_before[0], b.load_after[1]),
         "",
         "Dataset: %s — merged tree of %d entries (debootstrap minbase + 1 GiB file, python "
         "layer, modification layer); delete dir %s (%d entries); all mounts rw with an empty "
@@ -1247,7 +1262,8 @@ def main():
     with open(md, "w") as f:
         f.write(text)
     raw = {"timestamp": ts, "args": vars(a), "unionmount": git_rev(),
-           "kernel": platform.release(), "samples": b.samples, "wrong": b.wrong,
+           "kernel": platform.release(), "load_before": b.load_before,
+           "load_after": b.load_after, "elapsed_s": b.elapsed, "samples": b.samples, "wrong": b.wrong,
            "row_wrong": b.row_wrong, "workloads": {k: v for k, v in wl.items()
                                                    if k not in ("copyup", "mods")}}
     with open(os.path.join(outdir, "results-%s.json" % ts), "w") as f:

@@ -91,17 +91,7 @@ impl DirCache {
             return Ok(fd.clone());
         }
         let fd = Arc::new(open()?);
-        if self.fds.len() >= FD_CAP {
-            let victims: Vec<_> = self
-                .fds
-                .iter()
-                .take(FD_CAP / 10)
-                .map(|e| *e.key())
-                .collect();
-            for v in victims {
-                self.fds.remove(&v);
-            }
-        }
+        make_room(&self.fds, FD_CAP);
         self.fds.insert((node, layer), fd.clone());
         Ok(fd)
     }
@@ -120,17 +110,7 @@ impl DirCache {
             return Ok(ix.clone());
         }
         let ix = Arc::new(build()?);
-        if self.indexes.len() >= INDEX_CAP {
-            let victims: Vec<_> = self
-                .indexes
-                .iter()
-                .take(INDEX_CAP / 10)
-                .map(|e| *e.key())
-                .collect();
-            for v in victims {
-                self.indexes.remove(&v);
-            }
-        }
+        make_room(&self.indexes, INDEX_CAP);
         self.indexes.insert(node, ix.clone());
         Ok(ix)
     }
@@ -146,6 +126,17 @@ impl DirCache {
         let m = read()?;
         self.marks.insert(id, m);
         Ok(m)
+    }
+}
+
+/// Keeps a cache under `cap` entries by dropping an arbitrary tenth when it is full.
+fn make_room<K: Eq + std::hash::Hash + Copy, V>(map: &DashMap<K, V>, cap: usize) {
+    if map.len() < cap {
+        return;
+    }
+    let victims: Vec<K> = map.iter().take(cap / 10).map(|e| *e.key()).collect();
+    for v in victims {
+        map.remove(&v);
     }
 }
 
