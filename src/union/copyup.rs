@@ -160,10 +160,11 @@ impl Union {
                 if data == Data::All {
                     copy_data(src.as_fd(), dst.as_fd(), st.st_size as u64)?;
                 }
-                if self.behaviour.fsync {
-                    // Durable before it becomes visible; the rename is the commit point.
-                    nix::unistd::fsync(&dst).map_err(nix_err)?;
-                }
+                // No fsync here: durability is what the user asks for with fsync(2), which
+                // reaches the upper file (unless `fsync=0`/`volatile`). A daemon crash
+                // never exposes a partial copy (the rename is the commit point); a power
+                // loss right after a copy-up may.
+
             }
             libc::S_IFDIR => nix::sys::stat::mkdirat(work, tmp, Mode::from_bits_truncate(0o700))
                 .map_err(nix_err)?,
