@@ -6,7 +6,10 @@
 
 mod common;
 
-use common::{Fixture, assert_file, is_mounted, list_dir, unionmount_bin, with_timeout};
+use common::{
+    Fixture, MountGuard, alive, assert_file, assert_quiet_success, daemon_pids, is_mounted, kill,
+    list_dir, mount_entry, os, text, umount2, unionmount_bin, wait_for, with_timeout,
+};
 use std::ffi::{CString, OsStr, OsString};
 use std::fs;
 use std::io;
@@ -24,181 +27,13 @@ const STEP: u64 = 5;
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-fn os(s: impl AsRef<OsStr>) -> OsString {
-    s.as_ref().to_os_string()
-}
-
-/// Run `prog args` with stdin from /dev/null, under a timeout; stdout and stderr captured
-/// (`output()` also waits for EOF on both pipes).
+/// Run `prog args` with stdin from /dev/null, under the step timeout, output captured.
 fn run_prog(prog: impl AsRef<OsStr>, args: Vec<OsString>) -> Output {
-    let prog = os(prog);
-    with_timeout(STEP, move || {
-        Command::new(&prog)
-            .args(&args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("spawn {prog:?}: {e}"))
-    })
+    common::run_prog_within(STEP, prog, args)
 }
 
 fn run(args: Vec<OsString>) -> Output {
     run_prog(unionmount_bin(), args)
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// The command succeeded (exit 0) and printed nothing.
-#[track_caller]
-fn assert_quiet_success(out: &Output, what: &str) {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{what}: exit status {}; stderr: {}",
-        out.status,
-        text(&out.stderr)
-    );
-    assert_eq!(text(&out.stdout), "", "{what}: stdout");
-    assert_eq!(text(&out.stderr), "", "{what}: stderr");
-}
-
-/// `/proc/self/mounts` entry for `mnt`: (source, fstype, options).
-fn mount_entry(mnt: &Path) -> Option<(String, String, Vec<String>)> {
-    let want = mnt.as_os_str().as_bytes();
-    let table = fs::read_to_string("/proc/self/mounts").ok()?;
-    let mut found = None;
-    for line in table.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        if f.len() >= 4 && unescape(f[1]) == want {
-            found = Some((
-                f[0].to_string(),
-                f[2].to_string(),
-                f[3].split(',').map(str::to_string).collect(),
-            ));
-        }
-    }
-    found
-}
-
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            let oct = &b[i + 1..i + 4];
-            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
-                out.push((oct[0] - b'0') * 64 + (oct[1] - b'0') * 8 + (oct[2] - b'0'));
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
-}
-
-fn umount2(mnt: &Path, flags: libc::c_int) -> io::Result<()> {
-    let c = CString::new(mnt.as_os_str().as_bytes()).unwrap();
-    // SAFETY: valid NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), flags) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Poll `cond` every 10 ms for up to `limit`.
-fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Live (non-zombie) processes whose argv has `mnt` as one whole argument and whose
-/// argv[0] names a `unionmount` binary: the daemons serving `mnt`.
-fn daemon_pids(mnt: &Path) -> Vec<i32> {
-    let want = mnt.as_os_str().as_bytes();
-    let me = std::process::id() as i32;
-    let mut pids = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return pids;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == me || !alive(pid) {
-            continue;
-        }
-        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_um = args
-            .first()
-            .and_then(|a| Path::new(OsStr::from_bytes(a)).file_name())
-            .is_some_and(|n| n == "unionmount");
-        if is_um && args.contains(&want) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-/// `pid` exists and is not a zombie.
-fn alive(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(false)
-}
-
-fn kill(pid: i32, sig: libc::c_int) {
-    // SAFETY: kill(2) on a pid we started or observed serving our own mountpoint.
-    unsafe { libc::kill(pid, sig) };
-}
-
-/// Unmounts `mnt` on drop if something is still mounted there (umount, then lazily), and
-/// makes sure no daemon for it survives (SIGKILL after a bounded wait). Never stats `mnt`.
-struct Cleanup {
-    mnt: PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let pids = daemon_pids(&self.mnt);
-        if is_mounted(&self.mnt) && umount2(&self.mnt, 0).is_err() {
-            let _ = umount2(&self.mnt, libc::MNT_DETACH);
-        }
-        if !wait_for(Duration::from_secs(5), || !is_mounted(&self.mnt)) {
-            eprintln!("warning: {} still mounted", self.mnt.display());
-        }
-        if !wait_for(Duration::from_secs(5), || pids.iter().all(|&p| !alive(p))) {
-            for &p in &pids {
-                kill(p, libc::SIGKILL);
-            }
-        }
-    }
-}
-
-fn cleanup(mnt: &Path) -> Cleanup {
-    Cleanup {
-        mnt: mnt.to_path_buf(),
-    }
 }
 
 fn statvfs_flags(p: &Path) -> u64 {
@@ -234,6 +69,64 @@ fn assert_unmounted_and_daemon_gone(mnt: &Path, pids: &[i32]) {
     );
 }
 
+/// The one daemon serving `mnt`.
+#[track_caller]
+fn one_daemon(mnt: &Path) -> i32 {
+    let pids = daemon_pids(mnt);
+    assert_eq!(pids.len(), 1, "one daemon serves {}", mnt.display());
+    pids[0]
+}
+
+/// `umount MNT` succeeds quietly, the mount goes and its daemon exits.
+#[track_caller]
+fn umount_ends_it(mnt: &Path) {
+    let pids = daemon_pids(mnt);
+    assert_quiet_success(&run_prog("umount", vec![os(mnt)]), "umount MNT");
+    assert_unmounted_and_daemon_gone(mnt, &pids);
+}
+
+/// The mount table has `fuse.unionmount` on `mnt` with `mode` (`rw`/`ro`) as the first
+/// option; returns (source, options).
+#[track_caller]
+fn assert_table_entry(mnt: &Path, mode: &str) -> (String, Vec<String>) {
+    let (source, fstype, opts) =
+        mount_entry(mnt).unwrap_or_else(|| panic!("{} is not in the mount table", mnt.display()));
+    assert_eq!(fstype, "fuse.unionmount");
+    assert_eq!(opts[0], mode, "options {opts:?}");
+    (source, opts)
+}
+
+/// Each of `want` is among the mount options `opts`.
+#[track_caller]
+fn assert_has_opts(opts: &[String], want: &[&str]) {
+    for o in want {
+        assert!(opts.iter().any(|x| x == o), "{o} missing from {opts:?}");
+    }
+}
+
+/// None of `unwanted` is among the mount options `opts`.
+#[track_caller]
+fn assert_lacks_opts(opts: &[String], unwanted: &[&str]) {
+    for o in unwanted {
+        assert!(!opts.iter().any(|x| x == o), "{o} in {opts:?}");
+    }
+}
+
+/// A write of `name` through the mount lands in the upper.
+#[track_caller]
+fn assert_write_lands_in_upper(fx: &Fixture, name: &str, data: &'static [u8]) {
+    let p = fx.m(name);
+    with_timeout(STEP, move || fs::write(p, data).unwrap());
+    assert_file(fx.u(name), data);
+}
+
+/// The errno of `op` on the mount (under the step timeout) is EROFS.
+#[track_caller]
+fn assert_erofs(what: &str, op: impl FnOnce() -> io::Result<()> + Send + 'static) {
+    let e = with_timeout(STEP, move || common::errno_of(op()));
+    assert_eq!(e, libc::EROFS, "{what}: {}", common::errno_name(e));
+}
+
 /// Layers for the mount tests: lower0 (TOP) has `a` = "top-a" and `d/x`; lower1 has
 /// `a` = "mid-a" and `m`; lower2 (BASE) has `b`.
 fn three_layers() -> Fixture {
@@ -253,6 +146,81 @@ fn layers_arg(fx: &Fixture) -> OsString {
         .map(|p| p.to_str().unwrap().to_string())
         .collect();
     os(v.join(":"))
+}
+
+/// `unionmount --layers L0:L1:L2 MNT` (read-only) succeeds quietly.
+#[track_caller]
+fn mount_layers_ro(fx: &Fixture) {
+    let out = run(vec![os("--layers"), layers_arg(fx), os(&fx.mnt)]);
+    assert_quiet_success(&out, "unionmount --layers");
+}
+
+/// Native form, writable: `--layers L0:L1:L2 --upper U --work W MNT`.
+fn layers_form(fx: &Fixture) -> Vec<OsString> {
+    vec![
+        os("--layers"),
+        layers_arg(fx),
+        os("--upper"),
+        os(&fx.upper),
+        os("--work"),
+        os(&fx.work),
+        os(&fx.mnt),
+    ]
+}
+
+/// `lowerdir=LOWERS,upperdir=U,workdir=W`, then `,extra` unless `extra` is empty.
+fn o_opts(lowerdir: &str, upper: &Path, work: &Path, extra: &str) -> String {
+    let mut o = format!(
+        "lowerdir={lowerdir},upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
+    if !extra.is_empty() {
+        o.push(',');
+        o.push_str(extra);
+    }
+    o
+}
+
+/// `-o lowerdir=LOWERS,upperdir=U,workdir=W MNT` with the given pieces.
+fn o_args(lowerdir: &str, upper: &Path, work: &Path, extra: &str, mnt: &Path) -> Vec<OsString> {
+    vec![os("-o"), os(o_opts(lowerdir, upper, work, extra)), os(mnt)]
+}
+
+/// The top lower layer's path.
+fn lower0(fx: &Fixture) -> &str {
+    fx.lowers[0].to_str().unwrap()
+}
+
+/// `-o` form with the top lower only, `fx`'s upper, workdir and mountpoint, plus `extra`.
+fn lower0_o_args(fx: &Fixture, extra: &str) -> Vec<OsString> {
+    o_args(lower0(fx), &fx.upper, &fx.work, extra, &fx.mnt)
+}
+
+/// `-o` form over all of `fx`: every lower, its upper and workdir, plus `extra`.
+fn fx_o_args(fx: &Fixture, extra: &str) -> Vec<OsString> {
+    o_args(
+        layers_arg(fx).to_str().unwrap(),
+        &fx.upper,
+        &fx.work,
+        extra,
+        &fx.mnt,
+    )
+}
+
+/// mount(8) form: `mount -t fuse.unionmount unionmount MNT -o OPTS`.
+fn mount8(mnt: &Path, opts: String) -> Output {
+    run_prog(
+        "mount",
+        vec![
+            os("-t"),
+            os("fuse.unionmount"),
+            os("unionmount"),
+            os(mnt),
+            os("-o"),
+            os(opts),
+        ],
+    )
 }
 
 /// The merged view of `three_layers` as seen through `mnt` (checked under a timeout).
@@ -389,43 +357,27 @@ fn layers_form_rw_is_live_on_return() {
         return;
     }
     let fx = three_layers();
-    let _c = cleanup(&fx.mnt);
-    let out = run(vec![
-        os("--layers"),
-        layers_arg(&fx),
-        os("--upper"),
-        os(&fx.upper),
-        os("--work"),
-        os(&fx.work),
-        os(&fx.mnt),
-    ]);
+    let _c = MountGuard::adopt(&fx.mnt);
+    let out = run(layers_form(&fx));
     assert_quiet_success(&out, "unionmount --layers --upper --work");
     // Live the moment the command returned: no polling.
-    let (source, fstype, opts) = mount_entry(&fx.mnt).expect("mounted when the command returns");
-    assert_eq!(fstype, "fuse.unionmount");
+    let (source, opts) = assert_table_entry(&fx.mnt, "rw");
     assert_eq!(source, "unionmount");
-    assert_eq!(opts[0], "rw", "options {opts:?}");
-    for o in [
-        "allow_other",
-        "default_permissions",
-        "user_id=0",
-        "group_id=0",
-    ] {
-        assert!(opts.iter().any(|x| x == o), "{o} missing from {opts:?}");
-    }
-    for o in ["nosuid", "nodev", "ro"] {
-        assert!(!opts.iter().any(|x| x == o), "{o} in {opts:?}");
-    }
+    assert_has_opts(
+        &opts,
+        &[
+            "allow_other",
+            "default_permissions",
+            "user_id=0",
+            "group_id=0",
+        ],
+    );
+    assert_lacks_opts(&opts, &["nosuid", "nodev", "ro"]);
     assert_eq!(statvfs_flags(&fx.mnt) & libc::ST_RDONLY, 0);
     assert_three_layers_merged(&fx.mnt);
-    let m = fx.mnt.clone();
-    with_timeout(STEP, move || fs::write(m.join("new"), b"n").unwrap());
-    assert_file(fx.u("new"), b"n");
-    let pids = daemon_pids(&fx.mnt);
-    assert_eq!(pids.len(), 1, "one daemon serves {}", fx.mnt.display());
-    let out = run_prog("umount", vec![os(&fx.mnt)]);
-    assert_quiet_success(&out, "umount MNT");
-    assert_unmounted_and_daemon_gone(&fx.mnt, &pids);
+    assert_write_lands_in_upper(&fx, "new", b"n");
+    one_daemon(&fx.mnt);
+    umount_ends_it(&fx.mnt);
 }
 
 /// Without an upper the mount is read-only: `ro` in the table, ST_RDONLY, EROFS on write.
@@ -435,27 +387,14 @@ fn layers_form_without_upper_is_read_only() {
         return;
     }
     let fx = three_layers();
-    let _c = cleanup(&fx.mnt);
-    let out = run(vec![os("--layers"), layers_arg(&fx), os(&fx.mnt)]);
-    assert_quiet_success(&out, "unionmount --layers");
-    let (_, fstype, opts) = mount_entry(&fx.mnt).expect("mounted");
-    assert_eq!(fstype, "fuse.unionmount");
-    assert_eq!(opts[0], "ro", "options {opts:?}");
+    let _c = MountGuard::adopt(&fx.mnt);
+    mount_layers_ro(&fx);
+    assert_table_entry(&fx.mnt, "ro");
     assert_ne!(statvfs_flags(&fx.mnt) & libc::ST_RDONLY, 0, "ST_RDONLY");
     assert_three_layers_merged(&fx.mnt);
-    let m = fx.mnt.clone();
-    let e = with_timeout(STEP, move || {
-        common::errno_of(fs::write(m.join("new"), b"n"))
-    });
-    assert_eq!(
-        e,
-        libc::EROFS,
-        "write on a read-only mount: {}",
-        common::errno_name(e)
-    );
-    let pids = daemon_pids(&fx.mnt);
-    assert_quiet_success(&run_prog("umount", vec![os(&fx.mnt)]), "umount");
-    assert_unmounted_and_daemon_gone(&fx.mnt, &pids);
+    let p = fx.m("new");
+    assert_erofs("write on a read-only mount", move || fs::write(p, b"n"));
+    umount_ends_it(&fx.mnt);
 }
 
 /// `-o ro` with an upper and workdir: read-only, and the upper stays untouched.
@@ -465,30 +404,15 @@ fn ro_option_with_upper_is_read_only() {
         return;
     }
     let fx = three_layers();
-    let _c = cleanup(&fx.mnt);
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={},ro",
-        layers_arg(&fx).to_str().unwrap(),
-        fx.upper.display(),
-        fx.work.display()
-    );
-    let out = run(vec![os("-o"), os(opts), os(&fx.mnt)]);
+    let _c = MountGuard::adopt(&fx.mnt);
+    let out = run(fx_o_args(&fx, "ro"));
     assert_quiet_success(&out, "unionmount -o ...,ro");
-    let (_, _, opts) = mount_entry(&fx.mnt).expect("mounted");
-    assert_eq!(opts[0], "ro", "options {opts:?}");
+    assert_table_entry(&fx.mnt, "ro");
     assert_ne!(statvfs_flags(&fx.mnt) & libc::ST_RDONLY, 0, "ST_RDONLY");
-    let m = fx.mnt.clone();
-    let e = with_timeout(STEP, move || common::errno_of(fs::create_dir(m.join("nd"))));
-    assert_eq!(
-        e,
-        libc::EROFS,
-        "mkdir on a ro mount: {}",
-        common::errno_name(e)
-    );
+    let p = fx.m("nd");
+    assert_erofs("mkdir on a ro mount", move || fs::create_dir(p));
     assert_eq!(list_dir(&fx.upper), Vec::<String>::new());
-    let pids = daemon_pids(&fx.mnt);
-    assert_quiet_success(&run_prog("umount", vec![os(&fx.mnt)]), "umount");
-    assert_unmounted_and_daemon_gone(&fx.mnt, &pids);
+    umount_ends_it(&fx.mnt);
 }
 
 /// fuse-overlayfs form with `-o` given twice, the second after the mountpoint:
@@ -499,7 +423,7 @@ fn o_form_repeated_and_after_mountpoint() {
         return;
     }
     let fx = three_layers();
-    let _c = cleanup(&fx.mnt);
+    let _c = MountGuard::adopt(&fx.mnt);
     let out = run(vec![
         os("-o"),
         os(format!(
@@ -514,20 +438,15 @@ fn o_form_repeated_and_after_mountpoint() {
         os("nosuid,nodev"),
     ]);
     assert_quiet_success(&out, "unionmount -o ... MNT -o nosuid,nodev");
-    let (_, fstype, opts) = mount_entry(&fx.mnt).expect("mounted");
-    assert_eq!(fstype, "fuse.unionmount");
-    assert_eq!(opts[0], "rw", "options {opts:?}");
-    for o in ["nosuid", "nodev", "allow_other", "default_permissions"] {
-        assert!(opts.iter().any(|x| x == o), "{o} missing from {opts:?}");
-    }
+    let (_, opts) = assert_table_entry(&fx.mnt, "rw");
+    assert_has_opts(
+        &opts,
+        &["nosuid", "nodev", "allow_other", "default_permissions"],
+    );
     assert_three_layers_merged(&fx.mnt);
-    let m = fx.mnt.clone();
-    with_timeout(STEP, move || fs::write(m.join("a"), b"changed").unwrap());
-    assert_file(fx.u("a"), b"changed");
+    assert_write_lands_in_upper(&fx, "a", b"changed");
     assert_file(fx.l(0, "a"), b"top-a");
-    let pids = daemon_pids(&fx.mnt);
-    assert_quiet_success(&run_prog("umount", vec![os(&fx.mnt)]), "umount");
-    assert_unmounted_and_daemon_gone(&fx.mnt, &pids);
+    umount_ends_it(&fx.mnt);
 }
 
 /// Serialises the tests that put `unionmount` into mount(8)'s PATH.
@@ -592,45 +511,23 @@ fn mount8_form_mounts_and_umount_ends_it() {
         return;
     }
     let fx = three_layers();
-    let _c = cleanup(&fx.mnt);
+    let _c = MountGuard::adopt(&fx.mnt);
     let _link = HelperLink::install();
-    let out = run_prog(
-        "mount",
-        vec![
-            os("-t"),
-            os("fuse.unionmount"),
-            os("unionmount"),
-            os(&fx.mnt),
-            os("-o"),
-            os(format!(
-                "lowerdir={},upperdir={},workdir={}",
-                layers_arg(&fx).to_str().unwrap(),
-                fx.upper.display(),
-                fx.work.display()
-            )),
-        ],
+    let lowers = layers_arg(&fx);
+    let out = mount8(
+        &fx.mnt,
+        o_opts(lowers.to_str().unwrap(), &fx.upper, &fx.work, ""),
     );
     assert_quiet_success(&out, "mount -t fuse.unionmount");
-    let (source, fstype, opts) = mount_entry(&fx.mnt).expect("mounted when mount(8) returns");
-    assert_eq!(
-        (source.as_str(), fstype.as_str()),
-        ("unionmount", "fuse.unionmount")
-    );
-    assert_eq!(opts[0], "rw", "options {opts:?}");
-    for o in ["allow_other", "default_permissions"] {
-        assert!(opts.iter().any(|x| x == o), "{o} missing from {opts:?}");
-    }
-    for o in ["nosuid", "nodev"] {
-        assert!(!opts.iter().any(|x| x == o), "{o} in {opts:?}");
-    }
+    // Mounted when mount(8) returns.
+    let (source, opts) = assert_table_entry(&fx.mnt, "rw");
+    assert_eq!(source, "unionmount");
+    assert_has_opts(&opts, &["allow_other", "default_permissions"]);
+    assert_lacks_opts(&opts, &["nosuid", "nodev"]);
     assert_three_layers_merged(&fx.mnt);
-    let m = fx.mnt.clone();
-    with_timeout(STEP, move || fs::write(m.join("via-mount8"), b"v").unwrap());
-    assert_file(fx.u("via-mount8"), b"v");
-    let pids = daemon_pids(&fx.mnt);
-    assert_eq!(pids.len(), 1, "one daemon serves {}", fx.mnt.display());
-    assert_quiet_success(&run_prog("umount", vec![os(&fx.mnt)]), "umount MNT");
-    assert_unmounted_and_daemon_gone(&fx.mnt, &pids);
+    assert_write_lands_in_upper(&fx, "via-mount8", b"v");
+    one_daemon(&fx.mnt);
+    umount_ends_it(&fx.mnt);
 }
 
 /// mount(8) form with bad input: mount fails, the helper's one-line error reaches the
@@ -641,25 +538,13 @@ fn mount8_form_reports_a_missing_lowerdir() {
         return;
     }
     let fx = three_layers();
-    let _c = cleanup(&fx.mnt);
+    let _c = MountGuard::adopt(&fx.mnt);
     let _link = HelperLink::install();
     let missing = fx.dir.join("no-such-layer");
     let before = snapshot(&fx.dir);
-    let out = run_prog(
-        "mount",
-        vec![
-            os("-t"),
-            os("fuse.unionmount"),
-            os("unionmount"),
-            os(&fx.mnt),
-            os("-o"),
-            os(format!(
-                "lowerdir={},upperdir={},workdir={}",
-                missing.display(),
-                fx.upper.display(),
-                fx.work.display()
-            )),
-        ],
+    let out = mount8(
+        &fx.mnt,
+        o_opts(missing.to_str().unwrap(), &fx.upper, &fx.work, ""),
     );
     assert!(
         !out.status.success(),
@@ -722,13 +607,7 @@ impl Drop for Reap {
 fn start_foreground(fx: &Fixture) -> Reap {
     let child = Command::new(unionmount_bin())
         .arg("-f")
-        .arg("--layers")
-        .arg(layers_arg(fx))
-        .arg("--upper")
-        .arg(&fx.upper)
-        .arg("--work")
-        .arg(&fx.work)
-        .arg(&fx.mnt)
+        .args(layers_form(fx))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -753,12 +632,17 @@ fn start_foreground(fx: &Fixture) -> Reap {
     reap
 }
 
-/// After `trigger`, the foreground process exits 0 within 3 s with no output, and the
-/// mount is gone.
-fn foreground_ends_cleanly(fx: &Fixture, trigger: impl FnOnce(i32)) {
-    let mut reap = start_foreground(fx);
+/// Mounts `three_layers` with `-f`; after `trigger(mountpoint, pid)`, the foreground
+/// process exits 0 within 3 s with no output, and the mount is gone.
+fn foreground_ends_cleanly(trigger: impl FnOnce(&Path, i32)) {
+    if !common::mount_allowed() {
+        return;
+    }
+    let fx = three_layers();
+    let _c = MountGuard::adopt(&fx.mnt);
+    let mut reap = start_foreground(&fx);
     let pid = reap.0.as_ref().unwrap().id() as i32;
-    trigger(pid);
+    trigger(&fx.mnt, pid);
     let st = wait_exit(reap.0.as_mut().unwrap(), Duration::from_secs(3));
     let child = reap.0.take().unwrap();
     let out = with_timeout(STEP, move || child.wait_with_output().unwrap());
@@ -779,34 +663,18 @@ fn foreground_ends_cleanly(fx: &Fixture, trigger: impl FnOnce(i32)) {
 
 #[test]
 fn foreground_sigterm_unmounts_and_exits_0() {
-    if !common::mount_allowed() {
-        return;
-    }
-    let fx = three_layers();
-    let _c = cleanup(&fx.mnt);
-    foreground_ends_cleanly(&fx, |pid| kill(pid, libc::SIGTERM));
+    foreground_ends_cleanly(|_, pid| kill(pid, libc::SIGTERM));
 }
 
 #[test]
 fn foreground_sigint_unmounts_and_exits_0() {
-    if !common::mount_allowed() {
-        return;
-    }
-    let fx = three_layers();
-    let _c = cleanup(&fx.mnt);
-    foreground_ends_cleanly(&fx, |pid| kill(pid, libc::SIGINT));
+    foreground_ends_cleanly(|_, pid| kill(pid, libc::SIGINT));
 }
 
 #[test]
 fn foreground_exits_0_when_unmounted() {
-    if !common::mount_allowed() {
-        return;
-    }
-    let fx = three_layers();
-    let _c = cleanup(&fx.mnt);
-    let mnt = fx.mnt.clone();
-    foreground_ends_cleanly(&fx, move |_| {
-        let out = run_prog("umount", vec![os(&mnt)]);
+    foreground_ends_cleanly(|mnt, _| {
+        let out = run_prog("umount", vec![os(mnt)]);
         assert_quiet_success(&out, "umount MNT");
     });
 }
@@ -820,17 +688,9 @@ fn daemon_releases_callers_stdout_and_stderr() {
         return;
     }
     let fx = three_layers();
-    let _c = cleanup(&fx.mnt);
+    let _c = MountGuard::adopt(&fx.mnt);
     let t0 = Instant::now();
-    let out = run(vec![
-        os("--layers"),
-        layers_arg(&fx),
-        os("--upper"),
-        os(&fx.upper),
-        os("--work"),
-        os(&fx.work),
-        os(&fx.mnt),
-    ]);
+    let out = run(layers_form(&fx));
     let took = t0.elapsed();
     assert_quiet_success(&out, "unionmount with piped stdout/stderr");
     assert!(
@@ -838,13 +698,11 @@ fn daemon_releases_callers_stdout_and_stderr() {
         "output() took {took:?}: the daemon kept the pipes open"
     );
     assert!(is_mounted(&fx.mnt), "the mount did not stay up");
-    let pids = daemon_pids(&fx.mnt);
-    assert_eq!(pids.len(), 1, "one daemon serves {}", fx.mnt.display());
+    let pid = one_daemon(&fx.mnt);
     assert_three_layers_merged(&fx.mnt);
     // The daemon's fds 1 and 2 are not pipes any more.
     for fd in [1, 2] {
-        let target =
-            fs::read_link(format!("/proc/{}/fd/{fd}", pids[0])).map(|p| p.display().to_string());
+        let target = fs::read_link(format!("/proc/{pid}/fd/{fd}")).map(|p| p.display().to_string());
         if let Ok(t) = target {
             assert!(!t.starts_with("pipe:"), "daemon fd {fd} is still {t}");
         }
@@ -859,13 +717,11 @@ fn daemon_sigterm_unmounts() {
         return;
     }
     let fx = three_layers();
-    let _c = cleanup(&fx.mnt);
-    let out = run(vec![os("--layers"), layers_arg(&fx), os(&fx.mnt)]);
-    assert_quiet_success(&out, "unionmount --layers");
-    let pids = daemon_pids(&fx.mnt);
-    assert_eq!(pids.len(), 1, "one daemon serves {}", fx.mnt.display());
-    kill(pids[0], libc::SIGTERM);
-    assert_unmounted_and_daemon_gone(&fx.mnt, &pids);
+    let _c = MountGuard::adopt(&fx.mnt);
+    mount_layers_ro(&fx);
+    let pid = one_daemon(&fx.mnt);
+    kill(pid, libc::SIGTERM);
+    assert_unmounted_and_daemon_gone(&fx.mnt, &[pid]);
 }
 
 /// SIGTERM while a process has its cwd inside the mount: the mount is detached lazily
@@ -876,11 +732,9 @@ fn daemon_sigterm_when_busy_detaches_lazily() {
         return;
     }
     let fx = three_layers();
-    let _c = cleanup(&fx.mnt);
-    let out = run(vec![os("--layers"), layers_arg(&fx), os(&fx.mnt)]);
-    assert_quiet_success(&out, "unionmount --layers");
-    let pids = daemon_pids(&fx.mnt);
-    assert_eq!(pids.len(), 1, "one daemon serves {}", fx.mnt.display());
+    let _c = MountGuard::adopt(&fx.mnt);
+    mount_layers_ro(&fx);
+    let pid = one_daemon(&fx.mnt);
     let d = fx.m("d");
     let sleeper = with_timeout(STEP, move || {
         Command::new("sleep")
@@ -902,7 +756,7 @@ fn daemon_sigterm_when_busy_detaches_lazily() {
         umount2(&fx.mnt, 0).map_err(|e| e.raw_os_error()),
         Err(Some(libc::EBUSY))
     );
-    kill(pids[0], libc::SIGTERM);
+    kill(pid, libc::SIGTERM);
     assert!(
         wait_for(Duration::from_secs(3), || !is_mounted(&fx.mnt)),
         "busy mount not detached after SIGTERM"
@@ -913,7 +767,7 @@ fn daemon_sigterm_when_busy_detaches_lazily() {
     let c = sleeper.0.as_mut().unwrap();
     let _ = c.kill();
     let _ = wait_exit(c, Duration::from_secs(3));
-    assert_unmounted_and_daemon_gone(&fx.mnt, &pids);
+    assert_unmounted_and_daemon_gone(&fx.mnt, &[pid]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -928,28 +782,16 @@ fn containers_storage_context_and_volatile_mount() {
         return;
     }
     let fx = three_layers();
-    let _c = cleanup(&fx.mnt);
-    let out = run(vec![
-        os("-o"),
-        os(format!(
-            "lowerdir={},upperdir={},workdir={},context=\"system_u:object_r:container_file_t:s0:c1,c2\",volatile",
-            layers_arg(&fx).to_str().unwrap(),
-            fx.upper.display(),
-            fx.work.display()
-        )),
-        os(&fx.mnt),
-    ]);
+    let _c = MountGuard::adopt(&fx.mnt);
+    let out = run(fx_o_args(
+        &fx,
+        "context=\"system_u:object_r:container_file_t:s0:c1,c2\",volatile",
+    ));
     assert_quiet_success(&out, "unionmount -o ...,context=\"...,c2\",volatile");
-    let (_, fstype, opts) = mount_entry(&fx.mnt).expect("mounted");
-    assert_eq!(fstype, "fuse.unionmount");
-    assert_eq!(opts[0], "rw", "options {opts:?}");
+    assert_table_entry(&fx.mnt, "rw");
     assert_three_layers_merged(&fx.mnt);
-    let m = fx.mnt.clone();
-    with_timeout(STEP, move || fs::write(m.join("f"), b"v").unwrap());
-    assert_file(fx.u("f"), b"v");
-    let pids = daemon_pids(&fx.mnt);
-    assert_quiet_success(&run_prog("umount", vec![os(&fx.mnt)]), "umount");
-    assert_unmounted_and_daemon_gone(&fx.mnt, &pids);
+    assert_write_lands_in_upper(&fx, "f", b"v");
+    umount_ends_it(&fx.mnt);
 }
 
 #[test]
@@ -958,17 +800,8 @@ fn fsync_0_mounts() {
         return;
     }
     let fx = three_layers();
-    let _c = cleanup(&fx.mnt);
-    let out = run(vec![
-        os("-o"),
-        os(format!(
-            "lowerdir={},upperdir={},workdir={},fsync=0",
-            layers_arg(&fx).to_str().unwrap(),
-            fx.upper.display(),
-            fx.work.display()
-        )),
-        os(&fx.mnt),
-    ]);
+    let _c = MountGuard::adopt(&fx.mnt);
+    let out = run(fx_o_args(&fx, "fsync=0"));
     assert_quiet_success(&out, "unionmount -o ...,fsync=0");
     assert_three_layers_merged(&fx.mnt);
     let m = fx.mnt.clone();
@@ -979,9 +812,7 @@ fn fsync_0_mounts() {
         f.sync_all().unwrap();
     });
     assert_file(fx.u("synced"), b"s");
-    let pids = daemon_pids(&fx.mnt);
-    assert_quiet_success(&run_prog("umount", vec![os(&fx.mnt)]), "umount");
-    assert_unmounted_and_daemon_gone(&fx.mnt, &pids);
+    umount_ends_it(&fx.mnt);
 }
 
 /// `\:` escapes a colon inside a layer path, in `lowerdir=` and in `--layers`.
@@ -999,7 +830,7 @@ fn escaped_colon_in_layer_path() {
         colon.to_str().unwrap().replace(':', "\\:"),
         fx.lowers[0].display()
     );
-    let _c = cleanup(&fx.mnt);
+    let _c = MountGuard::adopt(&fx.mnt);
     for args in [
         vec![os("-o"), os(format!("lowerdir={spec}")), os(&fx.mnt)],
         vec![os("--layers"), os(&spec), os(&fx.mnt)],
@@ -1012,9 +843,7 @@ fn escaped_colon_in_layer_path() {
             assert_file(m.join("c"), b"colon");
             assert_file(m.join("b"), b"base");
         });
-        let pids = daemon_pids(&fx.mnt);
-        assert_quiet_success(&run_prog("umount", vec![os(&fx.mnt)]), "umount");
-        assert_unmounted_and_daemon_gone(&fx.mnt, &pids);
+        umount_ends_it(&fx.mnt);
     }
 }
 
@@ -1038,7 +867,7 @@ fn assert_rejected(
     culprits: &[&str],
     also: &[&Path],
 ) {
-    let _c = cleanup(&fx.mnt);
+    let _c = MountGuard::adopt(&fx.mnt);
     let mut watched: Vec<PathBuf> = vec![fx.dir.clone()];
     watched.extend(also.iter().map(|p| p.to_path_buf()));
     let before: Vec<Vec<String>> = watched.iter().map(|p| snapshot(p)).collect();
@@ -1074,20 +903,6 @@ fn assert_rejected(
     }
     assert_eq!(list_dir(&fx.upper), Vec::<String>::new(), "upper");
     assert_eq!(list_dir(&fx.work), Vec::<String>::new(), "workdir");
-}
-
-/// `-o lowerdir=LOWERS,upperdir=U,workdir=W MNT` with the given pieces.
-fn o_args(lowerdir: &str, upper: &Path, work: &Path, extra: &str, mnt: &Path) -> Vec<OsString> {
-    let mut o = format!(
-        "lowerdir={lowerdir},upperdir={},workdir={}",
-        upper.display(),
-        work.display()
-    );
-    if !extra.is_empty() {
-        o.push(',');
-        o.push_str(extra);
-    }
-    vec![os("-o"), os(o), os(mnt)]
 }
 
 #[test]
@@ -1132,13 +947,7 @@ fn rejects_missing_upperdir() {
     }
     let fx = three_layers();
     let missing = fx.dir.join("missing-upper");
-    let args = o_args(
-        fx.lowers[0].to_str().unwrap(),
-        &missing,
-        &fx.work,
-        "",
-        &fx.mnt,
-    );
+    let args = o_args(lower0(&fx), &missing, &fx.work, "", &fx.mnt);
     assert_rejected(
         &fx,
         args,
@@ -1164,13 +973,7 @@ fn rejects_workdir_on_another_filesystem() {
         "precondition: /dev/shm and {} on different filesystems",
         fx.upper.display()
     );
-    let args = o_args(
-        fx.lowers[0].to_str().unwrap(),
-        &fx.upper,
-        &shm.0,
-        "",
-        &fx.mnt,
-    );
+    let args = o_args(lower0(&fx), &fx.upper, &shm.0, "", &fx.mnt);
     assert_rejected(
         &fx,
         args,
@@ -1192,13 +995,7 @@ fn rejects_missing_mountpoint() {
     }
     let fx = three_layers();
     let missing = fx.dir.join("missing-mnt");
-    let args = o_args(
-        fx.lowers[0].to_str().unwrap(),
-        &fx.upper,
-        &fx.work,
-        "",
-        &missing,
-    );
+    let args = o_args(lower0(&fx), &fx.upper, &fx.work, "", &missing);
     assert_rejected(&fx, args, EXIT_ERROR, &[missing.to_str().unwrap()], &[]);
     assert!(!missing.exists(), "the mountpoint was created");
 }
@@ -1210,14 +1007,8 @@ fn rejects_mountpoint_that_is_a_file() {
     }
     let fx = three_layers();
     let file = fx.write(&fx.dir, "mnt-file", b"f", 0o644);
-    let args = o_args(
-        fx.lowers[0].to_str().unwrap(),
-        &fx.upper,
-        &fx.work,
-        "",
-        &file,
-    );
-    let _c = cleanup(&file);
+    let args = o_args(lower0(&fx), &fx.upper, &fx.work, "", &file);
+    let _c = MountGuard::adopt(&file);
     assert_rejected(&fx, args, EXIT_ERROR, &[file.to_str().unwrap()], &[]);
     assert!(!is_mounted(&file), "mounted on the file");
 }
@@ -1242,13 +1033,7 @@ fn rejects_unknown_option_value() {
         return;
     }
     let fx = three_layers();
-    let args = o_args(
-        fx.lowers[0].to_str().unwrap(),
-        &fx.upper,
-        &fx.work,
-        "fsync=7",
-        &fx.mnt,
-    );
+    let args = lower0_o_args(&fx, "fsync=7");
     assert_rejected(&fx, args, EXIT_ERROR, &["fsync", "7"], &[]);
 }
 
@@ -1321,12 +1106,6 @@ fn rejects_unterminated_quote() {
         return;
     }
     let fx = three_layers();
-    let args = o_args(
-        fx.lowers[0].to_str().unwrap(),
-        &fx.upper,
-        &fx.work,
-        "context=\"abc",
-        &fx.mnt,
-    );
+    let args = lower0_o_args(&fx, "context=\"abc");
     assert_rejected(&fx, args, EXIT_ERROR, &["context"], &[]);
 }

@@ -28,8 +28,7 @@ fn write_to_one_lower_link_shows_in_the_other_and_both_land_in_upper() {
     fx.write(&fx.lowers[0], "d1/a", b"lower", 0o640);
     fx.hardlink(&fx.lowers[0], "d1/a", "d2/b");
     let guard = common::mount(&Driver::Unionmount, &fx, true, &[]).expect("mount");
-    let f = fx.clone();
-    common::with_timeout(30, move || {
+    common::within_mount(&fx, move |f| {
         let ino = fs::symlink_metadata(f.m("d1/a")).unwrap().ino();
         // Both names known to the kernel before the copy-up.
         assert_eq!(fs::symlink_metadata(f.m("d2/b")).unwrap().ino(), ino);
@@ -69,8 +68,7 @@ fn lower_link_looked_up_after_copy_up_is_linked_into_upper() {
     fx.write(&fx.lowers[0], "a", b"v1", 0o644);
     fx.hardlink(&fx.lowers[0], "a", "b");
     let guard = common::mount(&Driver::Unionmount, &fx, true, &[]).expect("mount");
-    let f = fx.clone();
-    common::with_timeout(30, move || {
+    common::within_mount(&fx, move |f| {
         fs::write(f.m("a"), b"v2").unwrap();
         // "b" was never looked up before the copy-up of "a".
         assert_eq!(fs::read(f.m("b")).unwrap(), b"v2");
@@ -87,8 +85,7 @@ fn lower_link_looked_up_after_copy_up_is_linked_into_upper() {
     guard.unmount().expect("unmount");
     // The upper alone now holds what the mount showed: a remount agrees.
     let guard = common::mount(&Driver::Unionmount, &fx, true, &[]).expect("remount");
-    let f = fx.clone();
-    common::with_timeout(30, move || {
+    common::within_mount(&fx, move |f| {
         assert_eq!(fs::read(f.m("a")).unwrap(), b"v2");
         assert_eq!(fs::read(f.m("b")).unwrap(), b"v2");
     });
@@ -104,8 +101,7 @@ fn unlink_of_one_lower_link_keeps_the_other() {
     fx.write(&fx.lowers[0], "a", b"data", 0o644);
     fx.hardlink(&fx.lowers[0], "a", "b");
     let guard = common::mount(&Driver::Unionmount, &fx, true, &[]).expect("mount");
-    let f = fx.clone();
-    common::with_timeout(30, move || {
+    common::within_mount(&fx, move |f| {
         assert_eq!(fs::read(f.m("b")).unwrap(), b"data");
         fs::remove_file(f.m("a")).unwrap();
         common::assert_enoent(f.m("a"));

@@ -63,6 +63,13 @@ fn applies() -> bool {
         && std::env::var("UNIONMOUNT_TEST_OPTS").map_or(true, |o| !o.contains("passthrough"))
 }
 
+/// One lower layer holding a file `f` = "lower".
+fn lower_file_f() -> Fixture {
+    let fx = Fixture::new(1);
+    fx.write(&fx.lowers[0], "f", b"lower", 0o644);
+    fx
+}
+
 #[test]
 fn passthrough_is_negotiated_and_serves_reads_writes_and_mmap() {
     if !applies() {
@@ -78,8 +85,7 @@ fn passthrough_is_negotiated_and_serves_reads_writes_and_mmap() {
         "log: {:?}",
         fs::read_to_string(&log)
     );
-    let f = fx.clone();
-    common::with_timeout(30, move || {
+    common::within_mount(&fx, move |f| {
         assert_eq!(fs::read(f.m("big")).unwrap(), big);
         // Write through a passthrough open: lands in the upper, lower untouched.
         let mut w = fs::OpenOptions::new()
@@ -104,15 +110,13 @@ fn passthrough_off_falls_back_to_daemon_io() {
     if !applies() {
         return;
     }
-    let fx = Fixture::new(1);
-    fx.write(&fx.lowers[0], "f", b"lower", 0o644);
+    let fx = lower_file_f();
     let (guard, log) = mount_logged(&fx, &["passthrough=off"]);
     assert!(log_says(&log, "capability passthrough: off"));
     assert!(!log_says(&log, "capability passthrough: on"));
     // Without passthrough, writes are cached by the kernel (writeback cache).
     assert!(log_says(&log, "capability writeback_cache: on"));
-    let f = fx.clone();
-    common::with_timeout(30, move || {
+    common::within_mount(&fx, move |f| {
         let mut w = fs::OpenOptions::new().append(true).open(f.m("f")).unwrap();
         w.write_all(b"!").unwrap();
         drop(w);
@@ -139,11 +143,9 @@ fn reader_of_a_lower_file_and_a_writer_coexist() {
     if !applies() {
         return;
     }
-    let fx = Fixture::new(1);
-    fx.write(&fx.lowers[0], "f", b"lower", 0o644);
+    let fx = lower_file_f();
     let (guard, log) = mount_logged(&fx, &[]);
-    let f = fx.clone();
-    common::with_timeout(30, move || {
+    common::within_mount(&fx, move |f| {
         let mut reader = fs::File::open(f.m("f")).unwrap();
         let mut first = [0u8; 2];
         reader.read_exact(&mut first).unwrap();
@@ -171,11 +173,9 @@ fn upper_files_pass_through_on_a_writable_mount() {
     if !applies() {
         return;
     }
-    let fx = Fixture::new(1);
-    fx.write(&fx.lowers[0], "f", b"lower", 0o644);
+    let fx = lower_file_f();
     let (guard, log) = mount_logged(&fx, &[]);
-    let f = fx.clone();
-    common::with_timeout(30, move || {
+    common::within_mount(&fx, move |f| {
         fs::write(f.m("new"), b"created").unwrap();
         assert_eq!(fs::read(f.m("new")).unwrap(), b"created");
         fs::write(f.m("f"), b"rewritten").unwrap();
@@ -199,8 +199,7 @@ fn lower_files_pass_through_on_a_mount_without_upper() {
     let data: Vec<u8> = (0..(1 << 20)).map(|i| (i % 13) as u8).collect();
     fx.write(&fx.lowers[1], "f", &data, 0o644);
     let (guard, log) = mount_logged_rw(&fx, false, &[]);
-    let f = fx.clone();
-    common::with_timeout(30, move || {
+    common::within_mount(&fx, move |f| {
         assert_eq!(fs::read(f.m("f")).unwrap(), data);
         common::assert_errno(
             fs::OpenOptions::new().write(true).open(f.m("f")),
@@ -224,8 +223,7 @@ fn mmap_shared_write_through_passthrough_reaches_upper() {
     let fx = Fixture::new(1);
     fx.write(&fx.lowers[0], "m", b"0123456789", 0o644);
     let (guard, _log) = mount_logged(&fx, &[]);
-    let f = fx.clone();
-    common::with_timeout(30, move || {
+    common::within_mount(&fx, move |f| {
         let out = std::process::Command::new("python3")
             .arg("-c")
             .arg(
@@ -257,8 +255,7 @@ fn write_by_non_owner_through_passthrough_clears_setuid() {
     fs::set_permissions(&fx.mnt, fs::Permissions::from_mode(0o755)).unwrap();
     let (guard, log) = mount_logged(&fx, &[]);
     assert!(log_says(&log, "capability passthrough: on"));
-    let f = fx.clone();
-    common::with_timeout(30, move || {
+    common::within_mount(&fx, move |f| {
         assert_eq!(fs::metadata(f.m("s")).unwrap().mode() & 0o7777, 0o4777);
         let (rc, _out, err) = common::sh_as(
             Some((1000, 1000)),

@@ -14,17 +14,16 @@
 mod common;
 
 use common::{
-    Fixture, assert_file, assert_work_clean, get_xattr, is_chardev_whiteout, is_mounted, list_dir,
-    lstat, unionmount_bin, with_timeout,
+    Fixture, MountGuard, assert_file, assert_quiet_success, assert_success, assert_work_clean,
+    daemon_pids, get_xattr, is_chardev_whiteout, is_mounted, list_dir, lstat, mount_entry, os,
+    parse_mount_entry, text, unionmount_bin, wait_for, with_timeout,
 };
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::OsString;
 use std::fs;
-use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
+use std::time::Duration;
 
 /// Seconds any single command may take.
 const STEP: u64 = 8;
@@ -36,24 +35,9 @@ const GID: u32 = 1000;
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-fn os(s: impl AsRef<OsStr>) -> OsString {
-    s.as_ref().to_os_string()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Run `prog args` (stdin /dev/null, output captured) under a timeout.
+/// Run `prog args` (stdin /dev/null, output captured) under the step timeout.
 fn run_prog(prog: &str, args: Vec<OsString>) -> Output {
-    let prog = prog.to_string();
-    with_timeout(STEP, move || {
-        Command::new(&prog)
-            .args(&args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("spawn {prog}: {e}"))
-    })
+    common::run_prog_within(STEP, prog, args)
 }
 
 /// `setpriv --reuid=1000 --regid=1000 --clear-groups -- args...`
@@ -66,25 +50,6 @@ fn run_as_user(args: Vec<OsString>) -> Output {
     ];
     all.extend(args);
     run_prog("setpriv", all)
-}
-
-#[track_caller]
-fn assert_success(out: &Output, what: &str) {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{what}: exit status {}\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-}
-
-#[track_caller]
-fn assert_quiet_success(out: &Output, what: &str) {
-    assert_success(out, what);
-    assert_eq!(text(&out.stdout), "", "{what}: stdout");
-    assert_eq!(text(&out.stderr), "", "{what}: stderr");
 }
 
 /// True when the tools the rootless tests drive are present and usable; otherwise SKIP
@@ -129,133 +94,6 @@ fn rootless_allowed() -> bool {
     }
     eprintln!("SKIP: {msg}");
     false
-}
-
-/// `/proc/self/mounts` entry for `mnt`: (fstype, options).
-fn mount_entry(mnt: &Path) -> Option<(String, Vec<String>)> {
-    let table = fs::read_to_string("/proc/self/mounts").ok()?;
-    parse_mount_entry(&table, mnt)
-}
-
-fn parse_mount_entry(table: &str, mnt: &Path) -> Option<(String, Vec<String>)> {
-    let want = mnt.as_os_str().as_bytes();
-    let mut found = None;
-    for line in table.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        if f.len() >= 4 && unescape(f[1]) == want {
-            found = Some((
-                f[2].to_string(),
-                f[3].split(',').map(str::to_string).collect(),
-            ));
-        }
-    }
-    found
-}
-
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            let oct = &b[i + 1..i + 4];
-            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
-                out.push((oct[0] - b'0') * 64 + (oct[1] - b'0') * 8 + (oct[2] - b'0'));
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
-}
-
-fn umount2(mnt: &Path, flags: libc::c_int) -> io::Result<()> {
-    let c = CString::new(mnt.as_os_str().as_bytes()).unwrap();
-    // SAFETY: valid NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), flags) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// `pid` exists and is not a zombie.
-fn alive(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(false)
-}
-
-/// Live unionmount processes (in any mount namespace) with `mnt` as a whole argument.
-fn daemon_pids(mnt: &Path) -> Vec<i32> {
-    let want = mnt.as_os_str().as_bytes();
-    let mut pids = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return pids;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == std::process::id() as i32 || !alive(pid) {
-            continue;
-        }
-        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_um = args
-            .first()
-            .and_then(|a| Path::new(OsStr::from_bytes(a)).file_name())
-            .is_some_and(|n| n == "unionmount");
-        if is_um && args.contains(&want) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-/// On drop: unmount `mnt` here if still mounted (lazily if busy) and make sure no daemon
-/// serving it survives, in this or any namespace (SIGKILL after a bounded wait; a killed
-/// daemon takes its private namespace's mount with it).
-struct Cleanup(Vec<PathBuf>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for mnt in &self.0 {
-            let pids = daemon_pids(mnt);
-            if is_mounted(mnt) && umount2(mnt, 0).is_err() {
-                let _ = umount2(mnt, libc::MNT_DETACH);
-            }
-            if !wait_for(Duration::from_secs(5), || pids.iter().all(|&p| !alive(p))) {
-                for &p in &pids {
-                    // SAFETY: kill(2) on a daemon serving our own mountpoint.
-                    unsafe { libc::kill(p, libc::SIGKILL) };
-                }
-            }
-            wait_for(Duration::from_secs(5), || !is_mounted(mnt));
-        }
-    }
 }
 
 /// No unionmount process serves `mnt` any more (waits up to 3 s).
@@ -381,6 +219,77 @@ fn assert_upper_after_ops(fx: &Fixture, owner: (u32, u32), opaque_xattr: &str, o
     assert_eq!(list_dir(fx.l(1, "d")), ["y"]);
 }
 
+/// A script for a private namespace: unionmount mounts `fx` on `fx.mnt` (section `table`:
+/// its mount-table line), `OPS` run through it (section `union`: the merged tree after),
+/// and it is unmounted; then `between`; then kernel overlayfs, with `kernel_opts` before
+/// `lowerdir=`, mounts the same lowers and upper on `mnt2` (section `kernel`).
+fn namespace_script(
+    fx: &Fixture,
+    work2: &Path,
+    mnt2: &Path,
+    between: &str,
+    kernel_opts: &str,
+) -> String {
+    format!(
+        "set -e; M={m}; {LISTING_FN}\n\
+         {bin} --layers {layers} --upper {u} --work {w} \"$M\"\n\
+         echo '--- table'; grep \" $M \" /proc/self/mounts\n\
+         {OPS}\n\
+         echo '--- union'; listing \"$M\"\n\
+         umount \"$M\"\n\
+         {between}\
+         mount -t overlay overlay -o {kernel_opts}lowerdir={layers},upperdir={u},workdir={w2} {m2}\n\
+         echo '--- kernel'; listing {m2}\n\
+         umount {m2}\n\
+         echo '--- end'\n",
+        m = q(&fx.mnt),
+        bin = q(&unionmount_bin()),
+        layers = q(Path::new(&layers_arg(fx))),
+        u = q(&fx.upper),
+        w = q(&fx.work),
+        w2 = q(work2),
+        m2 = q(mnt2),
+    )
+}
+
+/// The namespace script succeeded without a word on stderr, unionmount showed the tree a
+/// user expects after `OPS`, and kernel overlayfs read the same tree from its upper.
+/// Returns the script's stdout and the options of unionmount's `fuse.unionmount` entry.
+#[track_caller]
+fn assert_namespace_run(out: &Output, what: &str, fx: &Fixture) -> (String, Vec<String>) {
+    assert_success(out, what);
+    assert_eq!(text(&out.stderr), "", "stderr of the namespace script");
+    let stdout = text(&out.stdout);
+    let table = section(&stdout, "table");
+    let (_, fstype, opts) = parse_mount_entry(table, &fx.mnt)
+        .unwrap_or_else(|| panic!("no mount entry inside the namespace:\n{table}"));
+    assert_eq!(fstype, "fuse.unionmount");
+    assert_eq!(section(&stdout, "union"), MERGED_AFTER_OPS);
+    assert_eq!(
+        section(&stdout, "kernel"),
+        section(&stdout, "union"),
+        "kernel overlayfs ({what}) over unionmount's upper shows another tree"
+    );
+    (stdout, opts)
+}
+
+/// After the namespace is gone: nothing mounted outside, no daemon, and the upper `OPS`
+/// leave (owned by `owner`, opaque by `opaque_xattr`); the workdir is clean.
+#[track_caller]
+fn assert_left_behind(
+    fx: &Fixture,
+    mnt2: &Path,
+    owner: (u32, u32),
+    opaque_xattr: &str,
+    other: &str,
+) {
+    assert!(!is_mounted(&fx.mnt));
+    assert!(!is_mounted(mnt2));
+    assert_no_daemon(&fx.mnt);
+    assert_upper_after_ops(fx, owner, opaque_xattr, other);
+    assert_work_clean(&fx.work);
+}
+
 // ---------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------
@@ -393,7 +302,7 @@ fn unprivileged_user_mounts_through_fusermount3() {
         return;
     }
     let (fx, _, _) = layers(Some((UID, GID)));
-    let _c = Cleanup(vec![fx.mnt.clone()]);
+    let _c = MountGuard::adopt(&fx.mnt);
     let out = run_as_user(vec![
         os(unionmount_bin()),
         os("--layers"),
@@ -405,7 +314,7 @@ fn unprivileged_user_mounts_through_fusermount3() {
         os(&fx.mnt),
     ]);
     assert_quiet_success(&out, "unionmount as uid 1000");
-    let (fstype, opts) = mount_entry(&fx.mnt).expect("mounted when the command returns");
+    let (_, fstype, opts) = mount_entry(&fx.mnt).expect("mounted when the command returns");
     assert_eq!(fstype, "fuse.unionmount");
     assert_eq!(opts[0], "rw", "options {opts:?}");
     for o in ["nosuid", "nodev", "user_id=1000", "group_id=1000"] {
@@ -461,30 +370,14 @@ fn user_namespace_mount_matches_kernel_userxattr() {
         return;
     }
     let (fx, work2, mnt2) = layers(Some((UID, GID)));
-    let _c = Cleanup(vec![fx.mnt.clone(), mnt2.clone()]);
-    let script = format!(
-        "set -e; M={m}; {LISTING_FN}\n\
-         {bin} --layers {layers} --upper {u} --work {w} \"$M\"\n\
-         echo '--- table'; grep \" $M \" /proc/self/mounts\n\
-         {OPS}\n\
-         echo '--- union'; listing \"$M\"\n\
-         umount \"$M\"\n\
-         echo '--- after-umount'; grep -c \" $M \" /proc/self/mounts || true\n\
+    let _c = [MountGuard::adopt(&fx.mnt), MountGuard::adopt(&mnt2)];
+    let between = format!(
+        "echo '--- after-umount'; grep -c \" $M \" /proc/self/mounts || true\n\
          echo '--- upper'; stat -c '%n %F %t:%T %u:%g' {u}/a {u}/d {u}/new; \
-         getfattr --absolute-names --only-values -n user.overlay.opaque {u}/d; echo\n\
-         mount -t overlay overlay -o userxattr,lowerdir={lower_k},upperdir={u},workdir={w2} {m2}\n\
-         echo '--- kernel'; listing {m2}\n\
-         umount {m2}\n\
-         echo '--- end'\n",
-        m = q(&fx.mnt),
-        bin = q(&unionmount_bin()),
-        layers = q(Path::new(&layers_arg(&fx))),
-        lower_k = q(Path::new(&layers_arg(&fx))),
+         getfattr --absolute-names --only-values -n user.overlay.opaque {u}/d; echo\n",
         u = q(&fx.upper),
-        w = q(&fx.work),
-        w2 = q(&work2),
-        m2 = q(&mnt2),
     );
+    let script = namespace_script(&fx, &work2, &mnt2, &between, "userxattr,");
     let out = run_as_user(vec![
         os("unshare"),
         os("-r"),
@@ -493,16 +386,8 @@ fn user_namespace_mount_matches_kernel_userxattr() {
         os("-c"),
         os(&script),
     ]);
-    assert_success(&out, "unshare -r -m script as uid 1000");
-    assert_eq!(text(&out.stderr), "", "stderr of the namespace script");
-    let stdout = text(&out.stdout);
-
-    let table = section(&stdout, "table");
-    let (fstype, opts) = parse_mount_entry(table, &fx.mnt)
-        .unwrap_or_else(|| panic!("no mount entry inside the namespace:\n{table}"));
-    assert_eq!(fstype, "fuse.unionmount");
+    let (stdout, opts) = assert_namespace_run(&out, "unshare -r -m script as uid 1000", &fx);
     assert_eq!(opts[0], "rw", "options {opts:?}");
-    assert_eq!(section(&stdout, "union"), MERGED_AFTER_OPS);
     assert_eq!(section(&stdout, "after-umount"), "0\n");
     let u = fx.upper.display();
     assert_eq!(
@@ -513,23 +398,14 @@ fn user_namespace_mount_matches_kernel_userxattr() {
         ),
         "upper as seen inside the namespace"
     );
-    assert_eq!(
-        section(&stdout, "kernel"),
-        section(&stdout, "union"),
-        "kernel overlayfs (userxattr) over unionmount's upper shows another tree"
-    );
-
     // Outside: nothing mounted, no daemon, the upper belongs to uid 1000.
-    assert!(!is_mounted(&fx.mnt));
-    assert!(!is_mounted(&mnt2));
-    assert_no_daemon(&fx.mnt);
-    assert_upper_after_ops(
+    assert_left_behind(
         &fx,
+        &mnt2,
         (UID, GID),
         "user.overlay.opaque",
         "trusted.overlay.opaque",
     );
-    assert_work_clean(&fx.work);
 }
 
 /// Real root in a private mount namespace (`unshare -m`, no user namespace) writes
@@ -541,46 +417,18 @@ fn root_in_mount_namespace_uses_trusted_xattrs() {
         return;
     }
     let (fx, work2, mnt2) = layers(None);
-    let _c = Cleanup(vec![fx.mnt.clone(), mnt2.clone()]);
-    let script = format!(
-        "set -e; M={m}; {LISTING_FN}\n\
-         {bin} --layers {layers} --upper {u} --work {w} \"$M\"\n\
-         echo '--- table'; grep \" $M \" /proc/self/mounts\n\
-         {OPS}\n\
-         echo '--- union'; listing \"$M\"\n\
-         umount \"$M\"\n\
-         mount -t overlay overlay -o lowerdir={layers},upperdir={u},workdir={w2} {m2}\n\
-         echo '--- kernel'; listing {m2}\n\
-         umount {m2}\n\
-         echo '--- end'\n",
-        m = q(&fx.mnt),
-        bin = q(&unionmount_bin()),
-        layers = q(Path::new(&layers_arg(&fx))),
-        u = q(&fx.upper),
-        w = q(&fx.work),
-        w2 = q(&work2),
-        m2 = q(&mnt2),
-    );
+    let _c = [MountGuard::adopt(&fx.mnt), MountGuard::adopt(&mnt2)];
+    let script = namespace_script(&fx, &work2, &mnt2, "", "");
     let out = run_prog("unshare", vec![os("-m"), os("sh"), os("-c"), os(&script)]);
-    assert_success(&out, "unshare -m script as root");
-    assert_eq!(text(&out.stderr), "", "stderr of the namespace script");
-    let stdout = text(&out.stdout);
-    let table = section(&stdout, "table");
-    let (fstype, opts) = parse_mount_entry(table, &fx.mnt)
-        .unwrap_or_else(|| panic!("no mount entry inside the namespace:\n{table}"));
-    assert_eq!(fstype, "fuse.unionmount");
+    let (_, opts) = assert_namespace_run(&out, "unshare -m script as root", &fx);
     for o in ["allow_other", "default_permissions", "user_id=0"] {
         assert!(opts.iter().any(|x| x == o), "{o} missing from {opts:?}");
     }
-    assert_eq!(section(&stdout, "union"), MERGED_AFTER_OPS);
-    assert_eq!(
-        section(&stdout, "kernel"),
-        section(&stdout, "union"),
-        "kernel overlayfs over unionmount's upper shows another tree"
+    assert_left_behind(
+        &fx,
+        &mnt2,
+        (0, 0),
+        "trusted.overlay.opaque",
+        "user.overlay.opaque",
     );
-    assert!(!is_mounted(&fx.mnt));
-    assert!(!is_mounted(&mnt2));
-    assert_no_daemon(&fx.mnt);
-    assert_upper_after_ops(&fx, (0, 0), "trusted.overlay.opaque", "user.overlay.opaque");
-    assert_work_clean(&fx.work);
 }

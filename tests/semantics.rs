@@ -18,7 +18,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -29,8 +29,7 @@ fn run(fx: &Fixture, rw: bool, body: impl FnOnce(Fixture) + Send + 'static) {
 
 fn run_opts(fx: &Fixture, rw: bool, extra: &[&str], body: impl FnOnce(Fixture) + Send + 'static) {
     let guard = common::mount(&common::driver(), fx, rw, extra).expect("mount");
-    let f = fx.clone();
-    common::with_timeout(30, move || body(f));
+    common::within_mount(fx, body);
     guard.unmount().expect("clean unmount");
 }
 
@@ -272,17 +271,63 @@ fn lookup_dir_above_file_below_does_not_merge() {
 // 2.2 Whiteouts and opaque directories, every dialect
 // =======================================================================================
 
+/// A way to mark a name in a layer: a whiteout of `rel`, or an opaque marker on dir `rel`.
+type Mark = fn(&Fixture, &Path, &str) -> PathBuf;
+
+/// `mark` whites out `f` and `d` in `top`; `below` has a file `f`, a dir `d` (with `child`)
+/// and a file `keep`.
+fn whiteouts_over_f_and_d(fx: &Fixture, top: &Path, below: &Path, mark: Mark) {
+    mark(fx, top, "f");
+    mark(fx, top, "d");
+    fx.write(below, "f", b"gone", 0o644);
+    fx.write(below, "d/child", b"gone", 0o644);
+    fx.write(below, "keep", b"k", 0o644);
+}
+
+/// `d/gone` in `top` is an xattr whiteout in namespace `ns` (`trusted`, `user`); `below` has
+/// `d/gone` and `d/stay`.
+fn xattr_whiteout_over(fx: &Fixture, top: &Path, below: &Path, ns: &str) {
+    fx.xattr_whiteout_ns(top, "d/gone", ns);
+    fx.write(below, "d/gone", b"g", 0o644);
+    fx.write(below, "d/stay", b"s", 0o644);
+}
+
+/// Two lowers: lower0's `d` holds `mine` and is made opaque by `mark`; lower1 has
+/// `d/theirs`.
+fn opaque_in_lower(mark: impl FnOnce(&Fixture, &Path, &str) -> PathBuf) -> Fixture {
+    let fx = Fixture::new(2);
+    fx.write(&fx.lowers[0], "d/mine", b"m", 0o644);
+    mark(&fx, &fx.lowers[0], "d");
+    fx.write(&fx.lowers[1], "d/theirs", b"t", 0o644);
+    fx
+}
+
+/// One lower: the upper's `d` holds `new` and is made opaque by `mark`; lower0 has `d/old`.
+fn opaque_in_upper(mark: impl FnOnce(&Fixture, &Path, &str) -> PathBuf) -> Fixture {
+    let fx = Fixture::new(1);
+    fx.write(&fx.upper, "d/new", b"n", 0o644);
+    mark(&fx, &fx.upper, "d");
+    fx.write(&fx.lowers[0], "d/old", b"o", 0o644);
+    fx
+}
+
+/// Lower0's `d` marked opaque with the xattr `name`=y hides lower1's `d`, and the marker
+/// is not visible through the mount.
+fn opaque_named_xattr_in_lower_hides_below(name: &'static str) {
+    let fx = opaque_in_lower(|fx, layer, d| fx.opaque_xattr_named(layer, d, name));
+    run(&fx, true, move |fx| {
+        assert_eq!(list_dir(fx.m("d")), vec!["mine"]);
+        assert_errno(get_xattr(&fx.m("d"), name), libc::ENODATA);
+    });
+}
+
 #[test]
 fn whiteout_chardev_in_lower_hides_name() {
     if !common::mount_allowed() {
         return;
     }
     let fx = Fixture::new(2);
-    fx.whiteout_chardev(&fx.lowers[0], "f");
-    fx.whiteout_chardev(&fx.lowers[0], "d");
-    fx.write(&fx.lowers[1], "f", b"gone", 0o644);
-    fx.write(&fx.lowers[1], "d/child", b"gone", 0o644);
-    fx.write(&fx.lowers[1], "keep", b"k", 0o644);
+    whiteouts_over_f_and_d(&fx, &fx.lowers[0], &fx.lowers[1], Fixture::whiteout_chardev);
     run(&fx, true, |fx| {
         assert_enoent(fx.m("f"));
         assert_enoent(fx.m("d"));
@@ -297,12 +342,7 @@ fn whiteout_chardev_in_upper_hides_name() {
         return;
     }
     let fx = Fixture::new(1);
-    let up = fx.upper.clone();
-    fx.whiteout_chardev(&up, "f");
-    fx.whiteout_chardev(&up, "d");
-    fx.write(&fx.lowers[0], "f", b"gone", 0o644);
-    fx.write(&fx.lowers[0], "d/child", b"gone", 0o644);
-    fx.write(&fx.lowers[0], "keep", b"k", 0o644);
+    whiteouts_over_f_and_d(&fx, &fx.upper, &fx.lowers[0], Fixture::whiteout_chardev);
     run(&fx, true, |fx| {
         assert_enoent(fx.m("f"));
         assert_enoent(fx.m("d/child"));
@@ -323,9 +363,7 @@ fn whiteout_xattr_in_lower_hides_name() {
         return;
     }
     let fx = Fixture::new(2);
-    fx.xattr_whiteout(&fx.lowers[0], "d/gone");
-    fx.write(&fx.lowers[1], "d/gone", b"g", 0o644);
-    fx.write(&fx.lowers[1], "d/stay", b"s", 0o644);
+    xattr_whiteout_over(&fx, &fx.lowers[0], &fx.lowers[1], "trusted");
     run(&fx, true, |fx| {
         // opaque=x means "holds xattr whiteouts", not "opaque": d still merges.
         assert_eq!(list_dir(fx.m("d")), vec!["stay"]);
@@ -336,19 +374,13 @@ fn whiteout_xattr_in_lower_hides_name() {
 
 #[test]
 fn whiteout_xattr_in_upper_hides_name() {
-    if !common::mount_allowed() {
-        return;
-    }
     // Kernel overlayfs (6.18) honours xattr whiteouts only in lower layers; DESIGN 2.2
     // reads every dialect in every layer.
-    if is_kernel() {
+    if !common::mount_allowed() || is_kernel() {
         return;
     }
     let fx = Fixture::new(1);
-    let up = fx.upper.clone();
-    fx.xattr_whiteout(&up, "d/gone");
-    fx.write(&fx.lowers[0], "d/gone", b"g", 0o644);
-    fx.write(&fx.lowers[0], "d/stay", b"s", 0o644);
+    xattr_whiteout_over(&fx, &fx.upper, &fx.lowers[0], "trusted");
     run(&fx, true, |fx| {
         assert_eq!(list_dir(fx.m("d")), vec!["stay"]);
         assert_enoent(fx.m("d/gone"));
@@ -357,18 +389,13 @@ fn whiteout_xattr_in_upper_hides_name() {
 
 #[test]
 fn whiteout_user_xattr_in_lower_hides_name() {
-    if !common::mount_allowed() {
-        return;
-    }
     // Kernel overlayfs reads user.overlay.* only with `userxattr` (a rootless mount); the
     // default root mount uses trusted.*. unionmount reads both dialects always.
-    if is_kernel() {
+    if !common::mount_allowed() || is_kernel() {
         return;
     }
     let fx = Fixture::new(2);
-    fx.xattr_whiteout_ns(&fx.lowers[0], "d/gone", "user");
-    fx.write(&fx.lowers[1], "d/gone", b"g", 0o644);
-    fx.write(&fx.lowers[1], "d/stay", b"s", 0o644);
+    xattr_whiteout_over(&fx, &fx.lowers[0], &fx.lowers[1], "user");
     run(&fx, true, |fx| {
         assert_eq!(list_dir(fx.m("d")), vec!["stay"]);
         assert_enoent(fx.m("d/gone"));
@@ -377,19 +404,12 @@ fn whiteout_user_xattr_in_lower_hides_name() {
 
 #[test]
 fn whiteout_oci_in_lower_hides_name_and_is_not_listed() {
-    if !common::mount_allowed() {
-        return;
-    }
     // Kernel overlayfs does not read the OCI/AUFS `.wh.NAME` dialect (shows it as a file).
-    if is_kernel() {
+    if !common::mount_allowed() || is_kernel() {
         return;
     }
     let fx = Fixture::new(2);
-    fx.whiteout_oci(&fx.lowers[0], "f");
-    fx.whiteout_oci(&fx.lowers[0], "d");
-    fx.write(&fx.lowers[1], "f", b"gone", 0o644);
-    fx.write(&fx.lowers[1], "d/child", b"gone", 0o644);
-    fx.write(&fx.lowers[1], "keep", b"k", 0o644);
+    whiteouts_over_f_and_d(&fx, &fx.lowers[0], &fx.lowers[1], Fixture::whiteout_oci);
     run(&fx, true, |fx| {
         assert_enoent(fx.m("f"));
         assert_enoent(fx.m("d"));
@@ -400,11 +420,8 @@ fn whiteout_oci_in_lower_hides_name_and_is_not_listed() {
 
 #[test]
 fn whiteout_oci_hides_only_lower_layers_not_own_layer() {
-    if !common::mount_allowed() {
-        return;
-    }
     // Kernel overlayfs does not read `.wh.` files at all.
-    if is_kernel() {
+    if !common::mount_allowed() || is_kernel() {
         return;
     }
     let fx = Fixture::new(2);
@@ -424,16 +441,12 @@ fn whiteout_oci_hides_only_lower_layers_not_own_layer() {
 
 #[test]
 fn whiteout_oci_in_upper_hides_lower() {
-    if !common::mount_allowed() {
-        return;
-    }
     // Kernel overlayfs does not read `.wh.` files.
-    if is_kernel() {
+    if !common::mount_allowed() || is_kernel() {
         return;
     }
     let fx = Fixture::new(1);
-    let up = fx.upper.clone();
-    fx.whiteout_oci(&up, "f");
+    fx.whiteout_oci(&fx.upper, "f");
     fx.write(&fx.lowers[0], "f", b"gone", 0o644);
     fx.write(&fx.lowers[0], "g", b"g", 0o644);
     run(&fx, true, |fx| {
@@ -447,10 +460,7 @@ fn opaque_trusted_xattr_in_lower_hides_dirs_below() {
     if !common::mount_allowed() {
         return;
     }
-    let fx = Fixture::new(2);
-    fx.write(&fx.lowers[0], "d/mine", b"m", 0o644);
-    fx.opaque_xattr(&fx.lowers[0], "d");
-    fx.write(&fx.lowers[1], "d/theirs", b"t", 0o644);
+    let fx = opaque_in_lower(Fixture::opaque_xattr);
     run(&fx, true, |fx| {
         assert_eq!(list_dir(fx.m("d")), vec!["mine"]);
         assert_enoent(fx.m("d/theirs"));
@@ -473,11 +483,7 @@ fn opaque_trusted_xattr_in_upper_hides_lower_children() {
     if !common::mount_allowed() {
         return;
     }
-    let fx = Fixture::new(1);
-    let up = fx.upper.clone();
-    fx.write(&up, "d/new", b"n", 0o644);
-    fx.opaque_xattr(&up, "d");
-    fx.write(&fx.lowers[0], "d/old", b"o", 0o644);
+    let fx = opaque_in_upper(Fixture::opaque_xattr);
     run(&fx, true, |fx| {
         assert_eq!(list_dir(fx.m("d")), vec!["new"]);
         assert_enoent(fx.m("d/old"));
@@ -486,58 +492,29 @@ fn opaque_trusted_xattr_in_upper_hides_lower_children() {
 
 #[test]
 fn opaque_user_overlay_xattr_in_lower() {
-    if !common::mount_allowed() {
-        return;
-    }
     // Kernel overlayfs reads user.overlay.opaque only in `userxattr` mode.
-    if is_kernel() {
+    if !common::mount_allowed() || is_kernel() {
         return;
     }
-    let fx = Fixture::new(2);
-    fx.write(&fx.lowers[0], "d/mine", b"m", 0o644);
-    fx.opaque_xattr_named(&fx.lowers[0], "d", "user.overlay.opaque");
-    fx.write(&fx.lowers[1], "d/theirs", b"t", 0o644);
-    run(&fx, true, |fx| {
-        assert_eq!(list_dir(fx.m("d")), vec!["mine"]);
-        assert_errno(get_xattr(&fx.m("d"), "user.overlay.opaque"), libc::ENODATA);
-    });
+    opaque_named_xattr_in_lower_hides_below("user.overlay.opaque");
 }
 
 #[test]
 fn opaque_fuseoverlayfs_xattr_in_lower() {
-    if !common::mount_allowed() {
-        return;
-    }
     // `user.fuseoverlayfs.opaque` is fuse-overlayfs's dialect; the kernel ignores it.
-    if is_kernel() {
+    if !common::mount_allowed() || is_kernel() {
         return;
     }
-    let fx = Fixture::new(2);
-    fx.write(&fx.lowers[0], "d/mine", b"m", 0o644);
-    fx.opaque_xattr_named(&fx.lowers[0], "d", "user.fuseoverlayfs.opaque");
-    fx.write(&fx.lowers[1], "d/theirs", b"t", 0o644);
-    run(&fx, true, |fx| {
-        assert_eq!(list_dir(fx.m("d")), vec!["mine"]);
-        assert_errno(
-            get_xattr(&fx.m("d"), "user.fuseoverlayfs.opaque"),
-            libc::ENODATA,
-        );
-    });
+    opaque_named_xattr_in_lower_hides_below("user.fuseoverlayfs.opaque");
 }
 
 #[test]
 fn opaque_oci_marker_in_lower_hides_below_keeps_own_layer() {
-    if !common::mount_allowed() {
-        return;
-    }
     // Kernel overlayfs does not read `.wh..wh..opq`.
-    if is_kernel() {
+    if !common::mount_allowed() || is_kernel() {
         return;
     }
-    let fx = Fixture::new(2);
-    fx.write(&fx.lowers[0], "d/mine", b"m", 0o644);
-    fx.opaque_oci(&fx.lowers[0], "d");
-    fx.write(&fx.lowers[1], "d/theirs", b"t", 0o644);
+    let fx = opaque_in_lower(Fixture::opaque_oci);
     run(&fx, true, |fx| {
         assert_eq!(list_dir(fx.m("d")), vec!["mine"]);
         assert_enoent(fx.m("d/.wh..wh..opq"));
@@ -547,18 +524,11 @@ fn opaque_oci_marker_in_lower_hides_below_keeps_own_layer() {
 
 #[test]
 fn opaque_oci_marker_in_upper_hides_lower_children() {
-    if !common::mount_allowed() {
-        return;
-    }
     // Kernel overlayfs does not read `.wh..wh..opq`.
-    if is_kernel() {
+    if !common::mount_allowed() || is_kernel() {
         return;
     }
-    let fx = Fixture::new(1);
-    let up = fx.upper.clone();
-    fx.write(&up, "d/new", b"n", 0o644);
-    fx.opaque_oci(&up, "d");
-    fx.write(&fx.lowers[0], "d/old", b"o", 0o644);
+    let fx = opaque_in_upper(Fixture::opaque_oci);
     run(&fx, true, |fx| {
         assert_eq!(list_dir(fx.m("d")), vec!["new"]);
     });
@@ -1458,12 +1428,9 @@ fn private_trusted_overlay_xattrs_are_hidden() {
 
 #[test]
 fn private_user_and_fuseoverlayfs_xattrs_are_hidden() {
-    if !common::mount_allowed() {
-        return;
-    }
     // Kernel overlayfs (trusted mode) shows user.overlay.* and the other tools' names as
     // ordinary user xattrs; DESIGN 2.7 hides them all.
-    if is_kernel() {
+    if !common::mount_allowed() || is_kernel() {
         return;
     }
     let fx = Fixture::new(1);
@@ -2477,8 +2444,7 @@ fn upper_written_is_remountable_with_same_tree() {
     fx.write(&l0, "f", b"f", 0o644);
     fx.symlink(&l1, "ln", "f");
     let guard = common::mount(&common::driver(), &fx, true, &[]).expect("mount");
-    let f = fx.clone();
-    let before = common::with_timeout(30, move || {
+    let before = common::within_mount(&fx, |f| {
         fs::remove_file(f.m("d/a")).unwrap();
         fs::write(f.m("d/b"), b"B2").unwrap();
         fs::remove_file(f.m("gone/x")).unwrap();
@@ -2505,8 +2471,7 @@ fn upper_written_is_remountable_with_same_tree() {
     }
     for d in drivers {
         let guard = common::mount(&d, &fx, true, &[]).expect("remount");
-        let f = fx.clone();
-        let after = common::with_timeout(30, move || snapshot(&f.mnt));
+        let after = common::within_mount(&fx, |f| snapshot(&f.mnt));
         guard.unmount().expect("unmount");
         assert_eq!(after, before, "tree after remount with {d:?}");
     }

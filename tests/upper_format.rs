@@ -30,8 +30,7 @@ fn whiteouts_fall_back_to_oci_files_when_mknod_is_refused() {
         &[("UNIONMOUNT_TEST_NO_MKNOD_WHITEOUT", "1")],
     )
     .expect("mount");
-    let f = fx.clone();
-    common::with_timeout(30, move || {
+    common::within_mount(&fx, move |f| {
         fs::remove_file(f.m("f")).unwrap();
         fs::remove_file(f.m("d/inner")).unwrap();
         fs::remove_dir(f.m("d")).unwrap();
@@ -56,8 +55,7 @@ fn whiteouts_fall_back_to_oci_files_when_mknod_is_refused() {
     guard.unmount().expect("unmount");
     // A remount without the hook reads the OCI dialect back to the same tree.
     let guard = common::mount(&Driver::Unionmount, &fx, true, &[]).expect("remount");
-    let f = fx.clone();
-    common::with_timeout(30, move || {
+    common::within_mount(&fx, move |f| {
         assert_eq!(common::list_dir(&f.mnt), vec!["e"]);
         assert_eq!(common::list_dir(f.m("e")), Vec::<String>::new());
     });
@@ -83,8 +81,7 @@ fn workdir_leftovers_are_removed_at_mount() {
         fs::read("/etc/passwd").map(|v| v.is_empty()).ok(),
         Some(false)
     );
-    let f = fx.clone();
-    common::with_timeout(30, move || {
+    common::within_mount(&fx, move |f| {
         fs::write(f.m("a"), b"changed").unwrap();
         assert_eq!(fs::read(f.u("a")).unwrap(), b"changed");
     });
@@ -100,8 +97,7 @@ fn mknod_of_a_whiteout_device_is_eperm() {
     let fx = Fixture::new(1);
     fx.write(&fx.lowers[0], "f", b"x", 0o644);
     let guard = common::mount(&common::driver(), &fx, true, &[]).expect("mount");
-    let f = fx.clone();
-    common::with_timeout(30, move || {
+    common::within_mount(&fx, move |f| {
         common::assert_errno(
             common::mknod(&f.m("wh"), libc::S_IFCHR | 0o644, 0),
             libc::EPERM,

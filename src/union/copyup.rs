@@ -164,7 +164,6 @@ impl Union {
                 // reaches the upper file (unless `fsync=0`/`volatile`). A daemon crash
                 // never exposes a partial copy (the rename is the commit point); a power
                 // loss right after a copy-up may.
-
             }
             libc::S_IFDIR => nix::sys::stat::mkdirat(work, tmp, Mode::from_bits_truncate(0o700))
                 .map_err(nix_err)?,

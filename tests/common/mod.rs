@@ -12,17 +12,19 @@
 //!   is dropped, after lazily unmounting `mnt` if something is still mounted there.
 //! - A `MountGuard` unmounts on drop on every path (also while panicking): `umount`, then
 //!   `umount -l`, then for FUSE an abort through `/sys/fs/fuse/connections/N/abort`, and it
-//!   waits (bounded) for the unionmount daemon to exit.
+//!   waits (bounded) for the unionmount daemon to exit, killing it if it does not.
+//!   `MountGuard::adopt` gives the same guarantee to a test that runs the mount command
+//!   itself (the command-line and rootless tests).
 
 #![allow(dead_code)]
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CString, OsStr, OsString};
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
@@ -352,6 +354,20 @@ pub struct MountGuard {
 }
 
 impl MountGuard {
+    /// A guard for `mnt` when the test runs the mount command itself (or expects it to
+    /// fail): whatever unionmount mount is on `mnt` when the guard goes is unmounted, and
+    /// its daemon reaped, the same way as for a mount made by `mount`. Nothing need be
+    /// mounted yet, or ever.
+    pub fn adopt(mnt: &Path) -> MountGuard {
+        MountGuard {
+            mnt: mnt.to_path_buf(),
+            driver: Driver::Unionmount,
+            fuse_conn: None,
+            extra_dir: None,
+            unmounted: false,
+        }
+    }
+
     /// Unmount now and report failure (drop does the same but only logs).
     pub fn unmount(mut self) -> io::Result<()> {
         let r = self.do_unmount();
@@ -368,6 +384,11 @@ impl MountGuard {
         } else {
             vec![]
         };
+        // An adopted guard learns the FUSE connection only now (before it is unmounted).
+        let fuse_conn = self
+            .fuse_conn
+            .clone()
+            .or_else(|| mountinfo_entry(&self.mnt).and_then(|e| fuse_connection(&e)));
         // umount2(2) directly: umount(8) stats the mountpoint first, which hangs on a
         // wedged FUSE daemon.
         if let Err(e) = umount2(&self.mnt, 0)
@@ -379,13 +400,12 @@ impl MountGuard {
         let gone = wait_unmounted(&self.mnt);
         if self.driver == Driver::Unionmount && !wait_pids_exit(&daemons, MOUNT_WAIT) {
             // Still serving: abort the FUSE connection, then kill what is left.
-            if let Some(conn) = &self.fuse_conn {
+            if let Some(conn) = &fuse_conn {
                 let _ = fs::write(conn.join("abort"), b"1");
             }
             if !wait_pids_exit(&daemons, Duration::from_secs(2)) {
                 for &pid in &daemons {
-                    // SAFETY: kill on a pid we observed serving our own mount.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    kill(pid, libc::SIGKILL);
                 }
             }
             if let Some(d) = &self.extra_dir {
@@ -543,19 +563,10 @@ pub fn mount_paths_env(
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    let fuse_conn = if entry.fstype.starts_with("fuse") {
-        entry
-            .dev
-            .split(':')
-            .nth(1)
-            .map(|m| PathBuf::from(format!("/sys/fs/fuse/connections/{m}")))
-    } else {
-        None
-    };
     Ok(MountGuard {
         mnt: mnt.to_path_buf(),
         driver: *driver,
-        fuse_conn,
+        fuse_conn: fuse_connection(&entry),
         extra_dir,
         unmounted: false,
     })
@@ -566,7 +577,21 @@ struct MountInfoEntry {
     fstype: String,
 }
 
-fn unescape_mountinfo(s: &str) -> Vec<u8> {
+/// `/sys/fs/fuse/connections/<minor>` for a FUSE mount: writing `abort` there ends a
+/// wedged daemon's connection.
+fn fuse_connection(entry: &MountInfoEntry) -> Option<PathBuf> {
+    if !entry.fstype.starts_with("fuse") {
+        return None;
+    }
+    entry
+        .dev
+        .split(':')
+        .nth(1)
+        .map(|m| PathBuf::from(format!("/sys/fs/fuse/connections/{m}")))
+}
+
+/// A mount-table field with its octal escapes (`\040` for a space, ...) decoded.
+fn unescape_octal(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -586,7 +611,8 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     out
 }
 
-fn umount2(mnt: &Path, flags: libc::c_int) -> io::Result<()> {
+/// umount2(2) on `mnt` (never stats it, so it does not hang on a wedged FUSE mount).
+pub fn umount2(mnt: &Path, flags: libc::c_int) -> io::Result<()> {
     let c = cpath(mnt);
     // SAFETY: valid path.
     cvt(unsafe { libc::umount2(c.as_ptr(), flags) }).map(|_| ())
@@ -613,7 +639,7 @@ fn mountinfo_entry(mnt: &Path) -> Option<MountInfoEntry> {
         if f.len() < 5 {
             continue;
         }
-        if unescape_mountinfo(f[4]) == want.as_os_str().as_bytes() {
+        if unescape_octal(f[4]) == want.as_os_str().as_bytes() {
             let sep = f.iter().position(|x| *x == "-");
             let fstype = sep.and_then(|i| f.get(i + 1)).unwrap_or(&"").to_string();
             found = Some(MountInfoEntry {
@@ -625,29 +651,62 @@ fn mountinfo_entry(mnt: &Path) -> Option<MountInfoEntry> {
     found
 }
 
+/// The `/proc/self/mounts` entry for `mnt` as a user reads it: (source, fstype, options).
+pub fn mount_entry(mnt: &Path) -> Option<(String, String, Vec<String>)> {
+    let table = fs::read_to_string("/proc/self/mounts").ok()?;
+    parse_mount_entry(&table, mnt)
+}
+
+/// The last line of `table` (in `/proc/*/mounts` format, e.g. captured inside another
+/// mount namespace) whose mount point is `mnt`: (source, fstype, options).
+pub fn parse_mount_entry(table: &str, mnt: &Path) -> Option<(String, String, Vec<String>)> {
+    let want = canonical_mountpoint(mnt);
+    let mut found = None;
+    for line in table.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() >= 4 && unescape_octal(f[1]) == want.as_os_str().as_bytes() {
+            found = Some((
+                f[0].to_string(),
+                f[2].to_string(),
+                f[3].split(',').map(str::to_string).collect(),
+            ));
+        }
+    }
+    found
+}
+
 pub fn is_mounted(mnt: &Path) -> bool {
     mountinfo_entry(mnt).is_some()
 }
 
-fn wait_unmounted(mnt: &Path) -> bool {
-    let deadline = Instant::now() + MOUNT_WAIT;
-    while is_mounted(mnt) {
+/// Poll `cond` every 10 ms for up to `limit`; true once it holds.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
         if Instant::now() > deadline {
             return false;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    true
 }
 
-/// Pids of processes whose command line names `mnt` and whose binary is unionmount.
-fn daemon_pids(mnt: &Path) -> Vec<i32> {
+fn wait_unmounted(mnt: &Path) -> bool {
+    wait_for(MOUNT_WAIT, || !is_mounted(mnt))
+}
+
+/// Live (non-zombie) processes, in any mount namespace, whose argv has `mnt` as one whole
+/// argument and whose argv[0] names the unionmount binary (the one under test, or one
+/// called `unionmount`, as mount(8) runs it): the daemons serving `mnt`.
+pub fn daemon_pids(mnt: &Path) -> Vec<i32> {
     let want = mnt.as_os_str().as_bytes();
     let bin = unionmount_bin();
-    let exe = bin
-        .file_name()
-        .map(|n| n.as_bytes().to_vec())
-        .unwrap_or_default();
+    let names = [
+        bin.file_name().unwrap_or(OsStr::new("unionmount")),
+        OsStr::new("unionmount"),
+    ];
     let me = std::process::id() as i32;
     let mut pids = Vec::new();
     let Ok(rd) = fs::read_dir("/proc") else {
@@ -657,14 +716,17 @@ fn daemon_pids(mnt: &Path) -> Vec<i32> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        if pid == me {
+        if pid == me || !alive(pid) {
             continue;
         }
         let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
             continue;
         };
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_um = args.first().map(|a| a.ends_with(&exe)).unwrap_or(false);
+        let is_um = args
+            .first()
+            .and_then(|a| Path::new(OsStr::from_bytes(a)).file_name())
+            .is_some_and(|n| names.contains(&n));
         if is_um && args.contains(&want) {
             pids.push(pid);
         }
@@ -672,28 +734,27 @@ fn daemon_pids(mnt: &Path) -> Vec<i32> {
     pids
 }
 
+/// `pid` exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
 fn wait_pids_exit(pids: &[i32], limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        let alive = pids.iter().any(|p| {
-            fs::read_to_string(format!("/proc/{p}/stat"))
-                .map(|s| {
-                    !s.rsplit(')')
-                        .next()
-                        .unwrap_or("")
-                        .trim_start()
-                        .starts_with('Z')
-                })
-                .unwrap_or(false)
-        });
-        if !alive {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(limit, || pids.iter().all(|&p| !alive(p)))
+}
+
+/// kill(2); for pids the test started or observed serving its own mountpoint.
+pub fn kill(pid: i32, sig: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid, sig) };
 }
 
 // ---------------------------------------------------------------------------------------
@@ -725,6 +786,65 @@ pub fn with_timeout<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send +
             panic!("test body did not finish within {secs} s (wedged mount?)")
         }
     }
+}
+
+/// Seconds the accesses of one test body through its mount may take.
+pub const BODY_SECS: u64 = 30;
+
+/// Run `body` on a clone of `fx` under `with_timeout(BODY_SECS, ..)`: what a test does
+/// through its mount.
+pub fn within_mount<T: Send + 'static>(
+    fx: &Fixture,
+    body: impl FnOnce(Fixture) -> T + Send + 'static,
+) -> T {
+    let f = fx.clone();
+    with_timeout(BODY_SECS, move || body(f))
+}
+
+// ---------------------------------------------------------------------------------------
+// Commands
+// ---------------------------------------------------------------------------------------
+
+pub fn os(s: impl AsRef<OsStr>) -> OsString {
+    s.as_ref().to_os_string()
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Run `prog args` with stdin from /dev/null, under a timeout of `secs`; stdout and stderr
+/// captured (`output()` also waits for EOF on both pipes).
+pub fn run_prog_within(secs: u64, prog: impl AsRef<OsStr>, args: Vec<OsString>) -> Output {
+    let prog = os(prog);
+    with_timeout(secs, move || {
+        Command::new(&prog)
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("spawn {prog:?}: {e}"))
+    })
+}
+
+/// The command exited 0 (the message shows its stdout and stderr otherwise).
+#[track_caller]
+pub fn assert_success(out: &Output, what: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{what}: exit status {}\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// The command exited 0 and printed nothing.
+#[track_caller]
+pub fn assert_quiet_success(out: &Output, what: &str) {
+    assert_success(out, what);
+    assert_eq!(text(&out.stdout), "", "{what}: stdout");
+    assert_eq!(text(&out.stderr), "", "{what}: stderr");
 }
 
 // ---------------------------------------------------------------------------------------
