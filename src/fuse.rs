@@ -42,6 +42,8 @@ pub struct UnionFs {
     fh_backing: DashMap<u64, Arc<BackingId>>,
     /// Opens served by the daemon (page cache), by handle, with their inode.
     fh_cached: DashMap<u64, u64>,
+    /// The kernel sends no OPENDIR/RELEASEDIR (FUSE_NO_OPENDIR_SUPPORT granted).
+    no_opendir: AtomicBool,
 }
 
 /// The io mode of one inode. Rules (the kernel refuses anything else):
@@ -67,6 +69,7 @@ impl UnionFs {
             modes: DashMap::new(),
             fh_backing: DashMap::new(),
             fh_cached: DashMap::new(),
+            no_opendir: AtomicBool::new(false),
         }
     }
 
@@ -138,6 +141,24 @@ impl UnionFs {
         self.fh_backing.remove(&fh);
         self.modes
             .remove_if(&ino, |_, m| m.cached == 0 && m.backing.strong_count() == 0);
+    }
+
+    /// The listing a READDIR reads from: its stream's (handle from OPENDIR), or without
+    /// OPENDIR the directory's current stream, made at offset 0 and dropped at the end.
+    fn listing(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+    ) -> io::Result<Arc<Vec<crate::union::readdir::DirEntry>>> {
+        if fh != 0 {
+            return self.union.dir_entries(fh);
+        }
+        let entries = self.union.dir_stream(ino, offset == 0)?;
+        if offset as usize >= entries.len() {
+            self.union.dir_stream_done(ino);
+        }
+        Ok(entries)
     }
 
     /// Open flags for an open served by the daemon: keep the page cache across opens for
@@ -235,7 +256,6 @@ impl Filesystem for UnionFs {
             (InitFlags::FUSE_PARALLEL_DIROPS, "parallel_dirops"),
             (InitFlags::FUSE_CACHE_SYMLINKS, "cache_symlinks"),
             (InitFlags::FUSE_DO_READDIRPLUS, "readdirplus"),
-            (InitFlags::FUSE_READDIRPLUS_AUTO, "readdirplus_auto"),
         ] {
             match config.add_capabilities(flag) {
                 Ok(()) => log::info!("capability {name}: on"),
@@ -268,6 +288,15 @@ impl Filesystem for UnionFs {
                 }
                 Err(_) => log::info!("capability writeback_cache: not offered by the kernel"),
             }
+        }
+        // No OPENDIR/RELEASEDIR round trips: the kernel keeps its readdir cache on and sends
+        // READDIR without a handle (see `listing`).
+        if config
+            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            .is_ok()
+        {
+            self.no_opendir.store(true, Ordering::Relaxed);
+            log::info!("capability no_opendir: on");
         }
         match config.set_max_write(self.max_write) {
             Ok(_) => log::info!("max_write {}", self.max_write),
@@ -555,6 +584,11 @@ impl Filesystem for UnionFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_opendir.load(Ordering::Relaxed) {
+            // The kernel takes ENOSYS here as "never send OPENDIR again" (negotiated at INIT
+            // with FUSE_NO_OPENDIR_SUPPORT); directory streams then come with handle 0.
+            return reply.error(Errno::ENOSYS);
+        }
         match self.union.opendir(ino.0) {
             Ok(fh) => reply.opened(
                 FileHandle(fh),
@@ -567,12 +601,12 @@ impl Filesystem for UnionFs {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.union.dir_entries(fh.0) {
+        let entries = match self.listing(ino.0, fh.0, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
@@ -594,7 +628,7 @@ impl Filesystem for UnionFs {
         offset: u64,
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
-        let entries = match self.union.dir_entries(fh.0) {
+        let entries = match self.listing(ino.0, fh.0, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };

@@ -130,7 +130,7 @@ impl DirCache {
 }
 
 /// Keeps a cache under `cap` entries by dropping an arbitrary tenth when it is full.
-fn make_room<K: Eq + std::hash::Hash + Copy, V>(map: &DashMap<K, V>, cap: usize) {
+pub(crate) fn make_room<K: Eq + std::hash::Hash + Copy, V>(map: &DashMap<K, V>, cap: usize) {
     if map.len() < cap {
         return;
     }

@@ -19,6 +19,9 @@ use super::node::{Node, NodeId};
 use super::readdir::{self, DirEntry};
 use super::{Ctx, Union, err, nix_err};
 
+/// Listings kept for handle-less directory streams; one a directory, bounded.
+const STREAMS_CAP: usize = 64;
+
 /// An open directory: its listing is built on the first readdir.
 pub struct DirStream {
     node: Arc<Node>,
@@ -336,6 +339,27 @@ impl Union {
             })
             .collect();
         readdir::merge(&dirs, &self.nodes.inos, |d, li| self.marks_of(d, li))
+    }
+
+    /// Directory streams without a handle (no OPENDIR): the listing of `ino`, made afresh
+    /// when a stream starts (offset 0) and shared by the READDIRs that continue it.
+    pub fn dir_stream(&self, ino: NodeId, start: bool) -> io::Result<Arc<Vec<DirEntry>>> {
+        if !start && let Some(e) = self.streams.get(&ino) {
+            return Ok(e.clone());
+        }
+        let node = self.nodes.get(ino)?;
+        if !node.is_dir() {
+            return Err(err(libc::ENOTDIR));
+        }
+        let entries = Arc::new(self.list_dir(&node)?);
+        super::dircache::make_room(&self.streams, STREAMS_CAP);
+        self.streams.insert(ino, entries.clone());
+        Ok(entries)
+    }
+
+    /// A stream read to its end: its listing is no longer needed.
+    pub fn dir_stream_done(&self, ino: NodeId) {
+        self.streams.remove(&ino);
     }
 
     pub fn releasedir(&self, fh: u64) {

@@ -76,6 +76,8 @@ pub struct Union {
     pub(crate) handles: DashMap<u64, Arc<file::Handle>>,
     pub(crate) cache: dircache::DirCache,
     pub(crate) dirs: DashMap<u64, Arc<file::DirStream>>,
+    /// Listings of directory streams read without OPENDIR, by directory.
+    pub(crate) streams: DashMap<NodeId, Arc<Vec<readdir::DirEntry>>>,
     next_fh: AtomicU64,
     tmp_seq: AtomicU64,
     pub markers: MarkerWriter,
@@ -144,6 +146,7 @@ impl Union {
             handles: DashMap::new(),
             cache: dircache::DirCache::default(),
             dirs: DashMap::new(),
+            streams: DashMap::new(),
             next_fh: AtomicU64::new(1),
             tmp_seq: AtomicU64::new(0),
             markers: MarkerWriter {
