@@ -150,12 +150,12 @@ impl UnionFs {
         ino: u64,
         fh: u64,
         offset: u64,
-    ) -> io::Result<Arc<Vec<crate::union::readdir::DirEntry>>> {
+    ) -> io::Result<Arc<crate::union::readdir::Listing>> {
         if fh != 0 {
             return self.union.dir_entries(fh);
         }
         let entries = self.union.dir_stream(ino, offset == 0)?;
-        if offset as usize >= entries.len() {
+        if offset as usize >= entries.entries.len() {
             self.union.dir_stream_done(ino);
         }
         Ok(entries)
@@ -610,7 +610,7 @@ impl Filesystem for UnionFs {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        for (i, e) in entries.entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(e.ino), (i + 1) as u64, kind(e.kind), &e.name) {
                 break;
             }
@@ -632,7 +632,7 @@ impl Filesystem for UnionFs {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        for (i, e) in entries.entries.iter().enumerate().skip(offset as usize) {
             let next = (i + 1) as u64;
             let dots = e.name == "." || e.name == "..";
             let found = if dots {
@@ -641,7 +641,7 @@ impl Filesystem for UnionFs {
                     .get(e.ino)
                     .and_then(|n| self.union.getattr(&n).map(|st| (n, st)))
             } else {
-                self.union.lookup(ino.0, &e.name)
+                self.union.lookup_listed(ino.0, &entries, e)
             };
             let Ok((node, st)) = found else {
                 // Gone since the listing was made: leave it out.

@@ -91,6 +91,7 @@ impl Union {
         )
         .map_err(nix_err)?;
         let ust = stat_at(upper_dir.as_fd(), &name)?;
+        parent.changed();
         self.nodes.set_upper(node, crate::layer::RealId::of(&ust));
         let others: Vec<_> = {
             let mut state = node.write();
@@ -129,6 +130,7 @@ impl Union {
             return Ok(());
         }
         let (sdir, sname) = self.parent_in(node, 0)?;
+        parent.changed();
         nix::unistd::linkat(
             sdir.as_fd(),
             sname.as_os_str(),

@@ -16,7 +16,7 @@ use nix::fcntl::OFlag;
 
 use super::copyup::Data;
 use super::node::{Node, NodeId};
-use super::readdir::{self, DirEntry};
+use super::readdir::{self, DirEntry, Listing};
 use super::{Ctx, Union, err, nix_err};
 
 /// Listings kept for handle-less directory streams; one a directory, bounded.
@@ -25,7 +25,7 @@ const STREAMS_CAP: usize = 64;
 /// An open directory: its listing is built on the first readdir.
 pub struct DirStream {
     node: Arc<Node>,
-    entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
+    entries: Mutex<Option<Arc<Listing>>>,
 }
 
 impl DirStream {
@@ -283,7 +283,7 @@ impl Union {
     }
 
     /// The listing of an open directory stream, built once and served by offset.
-    pub fn dir_entries(&self, fh: u64) -> io::Result<Arc<Vec<DirEntry>>> {
+    pub fn dir_entries(&self, fh: u64) -> io::Result<Arc<Listing>> {
         let stream = self
             .dirs
             .get(&fh)
@@ -298,7 +298,9 @@ impl Union {
         Ok(entries)
     }
 
-    fn list_dir(&self, node: &Node) -> io::Result<Vec<DirEntry>> {
+    fn list_dir(&self, node: &Node) -> io::Result<Listing> {
+        // Read before listing: a change racing the listing makes it look stale, never fresh.
+        let generation = node.generation();
         let layers = node.layers();
         let fds = layers
             .iter()
@@ -309,18 +311,13 @@ impl Union {
             Some((p, _)) => p,
             None => node.ino,
         };
-        entries.push(DirEntry {
-            name: ".".into(),
-            ino: node.ino,
-            kind: libc::S_IFDIR,
-        });
-        entries.push(DirEntry {
-            name: "..".into(),
-            ino: parent_ino,
-            kind: libc::S_IFDIR,
-        });
+        entries.push(DirEntry::dots(".", node.ino));
+        entries.push(DirEntry::dots("..", parent_ino));
         entries.extend(self.merge_listing(&layers, &fds)?);
-        Ok(entries)
+        Ok(Listing {
+            generation,
+            entries,
+        })
     }
 
     /// The merged entries of one directory from its fds in `layers` (top first).
@@ -338,12 +335,23 @@ impl Union {
                 fd: fd.as_fd(),
             })
             .collect();
-        readdir::merge(&dirs, &self.nodes.inos, |d, li| self.marks_of(d, li))
+        readdir::merge(
+            &dirs,
+            &self.nodes.inos,
+            |d, li| self.marks_of(d, li),
+            |li, d, name, d_ino| {
+                let real = crate::layer::RealId {
+                    dev: self.layers[li].dev,
+                    ino: d_ino,
+                };
+                self.child_opaque_id(d, name, real, li)
+            },
+        )
     }
 
     /// Directory streams without a handle (no OPENDIR): the listing of `ino`, made afresh
     /// when a stream starts (offset 0) and shared by the READDIRs that continue it.
-    pub fn dir_stream(&self, ino: NodeId, start: bool) -> io::Result<Arc<Vec<DirEntry>>> {
+    pub fn dir_stream(&self, ino: NodeId, start: bool) -> io::Result<Arc<Listing>> {
         if !start && let Some(e) = self.streams.get(&ino) {
             return Ok(e.clone());
         }

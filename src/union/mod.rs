@@ -77,7 +77,7 @@ pub struct Union {
     pub(crate) cache: dircache::DirCache,
     pub(crate) dirs: DashMap<u64, Arc<file::DirStream>>,
     /// Listings of directory streams read without OPENDIR, by directory.
-    pub(crate) streams: DashMap<NodeId, Arc<Vec<readdir::DirEntry>>>,
+    pub(crate) streams: DashMap<NodeId, Arc<readdir::Listing>>,
     next_fh: AtomicU64,
     tmp_seq: AtomicU64,
     pub markers: MarkerWriter,
@@ -224,6 +224,17 @@ impl Union {
         st: &FileStat,
         li: LayerIdx,
     ) -> io::Result<bool> {
+        self.child_opaque_id(dir, name, RealId::of(st), li)
+    }
+
+    /// `child_opaque` for a directory known by its (dev, ino) in layer `li`.
+    pub(crate) fn child_opaque_id(
+        &self,
+        dir: BorrowedFd,
+        name: &OsStr,
+        id: RealId,
+        li: LayerIdx,
+    ) -> io::Result<bool> {
         let read = || {
             let fd = open_at(
                 dir,
@@ -236,7 +247,7 @@ impl Union {
         if self.is_upper(li) {
             return Ok(read()?.opaque);
         }
-        Ok(self.cache.lower_marks(RealId::of(st), read)?.opaque)
+        Ok(self.cache.lower_marks(id, read)?.opaque)
     }
 
     /// The parent directory of `node` opened in layer `li`, and the node's name in it.
@@ -451,12 +462,50 @@ impl Union {
         let (found, st) = self
             .resolve(&pnode, name)?
             .ok_or_else(|| err(libc::ENOENT))?;
+        self.bind_found(&pnode, name, found, st)
+    }
+
+    /// Lookup of an entry of a listing (readdirplus): while the directory has not changed
+    /// since the listing was made, the entry already says what `resolve` would find, and
+    /// one stat of its top object is enough; otherwise a full lookup.
+    pub fn lookup_listed(
+        &self,
+        parent: NodeId,
+        listing: &readdir::Listing,
+        e: &readdir::DirEntry,
+    ) -> io::Result<(Arc<Node>, Attr)> {
+        let pnode = self.nodes.get(parent)?;
+        if pnode.generation() != listing.generation || self.nodes.child(parent, &e.name).is_some() {
+            return self.lookup(parent, &e.name);
+        }
+        let dir = self.dir_in(&pnode, e.top)?;
+        let st = match try_stat_at(dir.as_fd(), &e.name)? {
+            Some(st) if RealId::of(&st) == e.real => st,
+            _ => return self.lookup(parent, &e.name),
+        };
+        let found = Found {
+            kind: e.kind,
+            layers: e.layers(),
+            real: e.real,
+        };
+        self.bind_found(&pnode, &e.name, found, st)
+    }
+
+    /// Binds what a lookup found and returns the node with its attributes.
+    fn bind_found(
+        &self,
+        pnode: &Arc<Node>,
+        name: &OsStr,
+        found: Found,
+        st: FileStat,
+    ) -> io::Result<(Arc<Node>, Attr)> {
+        let parent = pnode.id;
         let upper = self.is_upper(found.layers[0]);
         let node = self.nodes.bind(parent, name.to_os_string(), found, upper);
         if !upper && self.is_upper(node.top_layer()) {
             // A hard link whose sibling was copied up: the node is upper now, so this name
             // is linked into the upper too (and its attributes come from there).
-            self.link_up_alias(&node, &pnode, name)?;
+            self.link_up_alias(&node, pnode, name)?;
             return Ok((node.clone(), self.getattr(&node)?));
         }
         let attr = self.finish_attr(&node, st);

@@ -215,6 +215,7 @@ impl Union {
             layers: vec![0],
             real: RealId::of(&st),
         };
+        pnode.changed();
         let node = self.nodes.bind(parent, name.to_os_string(), found, true);
         let attr = self.finish_attr(&node, st);
         Ok((node, attr, opened))
@@ -289,6 +290,7 @@ impl Union {
         } else {
             self.markers.make_whiteout(udir, name)?;
         }
+        pnode.changed();
         self.nodes.unbind(parent, &name.to_os_string());
         Ok(())
     }
@@ -430,6 +432,8 @@ impl Union {
             if dst_kind == Some(libc::S_IFDIR) && (below1 || self.is_merged(&pn1)) {
                 self.markers.set_opaque(u1, n1)?;
             }
+            pn1.changed();
+            pn2.changed();
             self.nodes
                 .exchange(p1, &n1.to_os_string(), p2, &n2.to_os_string());
             return Ok(());
@@ -470,6 +474,8 @@ impl Union {
         if below_dst {
             self.markers.set_opaque(u2, n2)?;
         }
+        pn1.changed();
+        pn2.changed();
         self.nodes
             .rebind(p1, &n1.to_os_string(), p2, n2.to_os_string());
         if src_dir {

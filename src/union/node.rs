@@ -45,6 +45,9 @@ pub struct Node {
     pub nlookup: AtomicU64,
     pub state: RwLock<NodeState>,
     pub copy_lock: Mutex<()>,
+    /// Namespace generation of a directory: bumped by every change of what its names
+    /// resolve to (create, remove, rename, link, copy-up of a child).
+    generation: AtomicU64,
 }
 
 impl Node {
@@ -58,6 +61,15 @@ impl Node {
 
     pub fn write(&self) -> std::sync::RwLockWriteGuard<'_, NodeState> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Records a change of the names in this directory.
+    pub fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn top_layer(&self) -> LayerIdx {
@@ -149,6 +161,7 @@ impl NodeTable {
                     layers: root_layers,
                 }),
                 copy_lock: Mutex::new(()),
+                generation: AtomicU64::new(0),
             }),
         );
         t
@@ -216,6 +229,7 @@ impl NodeTable {
                         layers: found.layers,
                     }),
                     copy_lock: Mutex::new(()),
+                    generation: AtomicU64::new(0),
                 });
                 self.nodes.insert(ino, n.clone());
                 n

@@ -5,7 +5,7 @@
 //! `.wh.NAME` hides NAME only in the layers below its own; markers are never shown. Offsets
 //! are positions in the snapshot, so they stay stable for the life of the handle.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -23,6 +23,43 @@ pub struct DirEntry {
     pub ino: u64,
     /// S_IFMT bits.
     pub kind: u32,
+    /// The layer of the entry's top object ("." and ".." carry usize::MAX).
+    pub top: LayerIdx,
+    /// For a directory, the lower layers it also merges, in order (usually none).
+    pub lower: Vec<LayerIdx>,
+    /// The top object's (dev, ino).
+    pub real: RealId,
+}
+
+impl DirEntry {
+    /// A "." or ".." entry: no object of its own in the listing.
+    pub fn dots(name: &str, ino: u64) -> DirEntry {
+        DirEntry {
+            name: name.into(),
+            ino,
+            kind: libc::S_IFDIR,
+            top: usize::MAX,
+            lower: Vec::new(),
+            real: RealId { dev: 0, ino: 0 },
+        }
+    }
+
+    /// Every layer holding the entry, top first (what `Union::resolve` would find).
+    pub fn layers(&self) -> Vec<LayerIdx> {
+        let mut v = Vec::with_capacity(1 + self.lower.len());
+        v.push(self.top);
+        v.extend_from_slice(&self.lower);
+        v
+    }
+}
+
+/// A directory's merged entries as of its namespace generation `generation` (see `Node::generation`):
+/// while the directory's generation is unchanged, each entry says exactly what a lookup
+/// would find.
+#[derive(Debug)]
+pub struct Listing {
+    pub generation: u64,
+    pub entries: Vec<DirEntry>,
 }
 
 /// Every name in a directory except "." and "..", as the layer stores them.
@@ -76,15 +113,29 @@ pub struct LayerDir<'a> {
     pub fd: BorrowedFd<'a>,
 }
 
+/// A directory name still collecting the lower layers it merges: its index in the output
+/// and its lowest occurrence so far (layer, fd of the parent there, d_ino).
+struct Open<'a> {
+    at: usize,
+    last: (LayerIdx, BorrowedFd<'a>, u64),
+}
+
 /// Merges the listings of one directory across `dirs` (its open fd in each layer it
-/// merges, top first). `marks` reads a directory's markers (cached for lower layers).
-pub fn merge(
-    dirs: &[LayerDir],
+/// merges, top first), recording for each visible name what a lookup would find: its top
+/// object and, for a directory, every layer it merges, cut at a whiteout, a `.wh.` entry,
+/// a non-directory or an opaque occurrence, as `Union::resolve` does. `marks` reads a
+/// directory's markers (cached for lower layers); `opaque` tells whether the directory
+/// (name, d_ino) in a layer's directory is opaque. Opacity is asked only when a lower
+/// occurrence exists, so single-layer directories cost nothing extra.
+pub fn merge<'a>(
+    dirs: &[LayerDir<'a>],
     inos: &InoTable,
     marks: impl Fn(BorrowedFd, LayerIdx) -> io::Result<whiteout::DirMarks>,
+    opaque: impl Fn(LayerIdx, BorrowedFd, &OsStr, u64) -> io::Result<bool>,
 ) -> io::Result<Vec<DirEntry>> {
-    let mut decided: HashSet<OsString> = HashSet::new();
-    let mut out = Vec::new();
+    // name → Some(still-open directory) or None (decided for good).
+    let mut decided: HashMap<OsString, Option<Open<'a>>> = HashMap::new();
+    let mut out: Vec<DirEntry> = Vec::new();
     for d in dirs {
         let (layer, dir) = (d.layer, d.fd);
         let marks = marks(dir, d.idx)?;
@@ -97,7 +148,8 @@ pub fn merge(
                 hidden_below.push(target.to_os_string());
                 continue;
             }
-            if decided.contains(&name) {
+            let slot = decided.get_mut(&name);
+            if matches!(slot, Some(None)) {
                 continue;
             }
             let mut kind = d_type.map(type_bits);
@@ -107,28 +159,53 @@ pub fn merge(
                 Some(libc::S_IFREG) => marks.xattr_whiteouts,
                 _ => false,
             };
+            let mut is_whiteout = false;
             if needs_stat {
                 let Some(st) = try_stat_at(dir, &name)? else {
                     continue;
                 };
                 kind = Some(file_type(&st));
-                if whiteout::is_whiteout(dir, &marks, &name, &st)? {
-                    decided.insert(name);
-                    continue;
-                }
+                is_whiteout = whiteout::is_whiteout(dir, &marks, &name, &st)?;
             }
-            let ino = inos.get(RealId {
+            let kind = kind.unwrap_or(libc::S_IFREG);
+            if let Some(Some(open)) = slot {
+                // A lower occurrence of a directory decided above: it merges only if it is a
+                // directory too and the occurrence above is not opaque.
+                let (pl, pdir, pino) = open.last;
+                if is_whiteout || kind != libc::S_IFDIR || opaque(pl, pdir, &name, pino)? {
+                    decided.insert(name, None);
+                } else {
+                    let at = open.at;
+                    out[at].lower.push(d.idx);
+                    open.last = (d.idx, dir, d_ino);
+                }
+                continue;
+            }
+            if is_whiteout {
+                decided.insert(name, None);
+                continue;
+            }
+            let real = RealId {
                 dev: layer.dev,
                 ino: d_ino,
-            });
-            decided.insert(name.clone());
+            };
             out.push(DirEntry {
-                name,
-                ino,
-                kind: kind.unwrap_or(libc::S_IFREG),
+                name: name.clone(),
+                ino: inos.get(real),
+                kind,
+                top: d.idx,
+                lower: Vec::new(),
+                real,
             });
+            let state = (kind == libc::S_IFDIR).then(|| Open {
+                at: out.len() - 1,
+                last: (d.idx, dir, d_ino),
+            });
+            decided.insert(name, state);
         }
-        decided.extend(hidden_below);
+        for t in hidden_below {
+            decided.insert(t, None);
+        }
     }
     Ok(out)
 }
