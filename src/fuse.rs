@@ -155,7 +155,7 @@ impl UnionFs {
             return self.union.dir_entries(fh);
         }
         let entries = self.union.dir_stream(ino, offset == 0)?;
-        if offset as usize >= entries.entries.len() {
+        if entries.from_offset(offset).is_empty() {
             self.union.dir_stream_done(ino);
         }
         Ok(entries)
@@ -610,8 +610,8 @@ impl Filesystem for UnionFs {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
-        for (i, e) in entries.entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(e.ino), (i + 1) as u64, kind(e.kind), &e.name) {
+        for e in entries.from_offset(offset) {
+            if reply.add(INodeNo(e.ino), e.cookie, kind(e.kind), &e.name) {
                 break;
             }
         }
@@ -632,8 +632,8 @@ impl Filesystem for UnionFs {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
-        for (i, e) in entries.entries.iter().enumerate().skip(offset as usize) {
-            let next = (i + 1) as u64;
+        for e in entries.from_offset(offset) {
+            let next = e.cookie;
             let dots = e.name == "." || e.name == "..";
             let found = if dots {
                 self.union

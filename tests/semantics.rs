@@ -2485,6 +2485,57 @@ fn upper_written_is_remountable_with_same_tree() {
 }
 
 #[test]
+fn deleting_while_reading_skips_nothing_even_with_other_readers() {
+    if !common::mount_allowed() {
+        return;
+    }
+    let fx = Fixture::new(2);
+    fx.mkdir(&fx.lowers[1], "d", 0o755);
+    fx.mkdir(&fx.lowers[0], "d", 0o755);
+    for i in 0..1000 {
+        let layer = &fx.lowers[i % 2];
+        fx.write(
+            layer,
+            &format!("d/file-with-a-longish-name-{i:05}"),
+            b"x",
+            0o644,
+        );
+    }
+    run(&fx, true, |fx| {
+        let d = fx.m("d");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Another reader keeps starting fresh listings of the same directory.
+        let reader = {
+            let (d, stop) = (d.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut passes = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _n = fs::read_dir(&d).unwrap().count();
+                    passes += 1;
+                }
+                passes
+            })
+        };
+        // rm -rf style: one stream, deleting what it has read as it goes.
+        let mut removed = 0;
+        for e in fs::read_dir(&d).unwrap() {
+            fs::remove_file(e.unwrap().path()).unwrap();
+            removed += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let passes = reader.join().unwrap();
+        assert!(passes > 0);
+        assert_eq!(
+            removed, 1000,
+            "the deleting stream saw every entry exactly once"
+        );
+        assert_eq!(list_dir(&d), Vec::<String>::new());
+        fs::remove_dir(&d).unwrap();
+        assert!(common::is_whiteout_in_upper(&fx.u("d")));
+    });
+}
+
+#[test]
 fn readdir_offsets_are_stable_in_merged_dir() {
     if !common::mount_allowed() {
         return;

@@ -314,10 +314,7 @@ impl Union {
         entries.push(DirEntry::dots(".", node.ino));
         entries.push(DirEntry::dots("..", parent_ino));
         entries.extend(self.merge_listing(&layers, &fds)?);
-        Ok(Listing {
-            generation,
-            entries,
-        })
+        Ok(Listing::new(generation, entries))
     }
 
     /// The merged entries of one directory from its fds in `layers` (top first).

@@ -29,6 +29,8 @@ pub struct DirEntry {
     pub lower: Vec<LayerIdx>,
     /// The top object's (dev, ino).
     pub real: RealId,
+    /// Readdir offset of the next entry (see `Listing`).
+    pub cookie: u64,
 }
 
 impl DirEntry {
@@ -41,6 +43,7 @@ impl DirEntry {
             top: usize::MAX,
             lower: Vec::new(),
             real: RealId { dev: 0, ino: 0 },
+            cookie: 0,
         }
     }
 
@@ -53,13 +56,56 @@ impl DirEntry {
     }
 }
 
-/// A directory's merged entries as of its namespace generation `generation` (see `Node::generation`):
-/// while the directory's generation is unchanged, each entry says exactly what a lookup
-/// would find.
+/// A directory's merged entries as of its namespace generation `generation` (see
+/// `Node::generation`): while the directory's generation is unchanged, each entry says
+/// exactly what a lookup would find.
+///
+/// Entries are sorted by `cookie`, the readdir offset of the entry after them: "." is 1,
+/// ".." 2, every other name a hash of the name. A stream continues at "every entry with a
+/// cookie above the offset" in whatever listing it reads, so a stream never skips or repeats
+/// an entry that did not change, even when listings are rebuilt under it.
 #[derive(Debug)]
 pub struct Listing {
     pub generation: u64,
     pub entries: Vec<DirEntry>,
+}
+
+impl Listing {
+    /// Orders `entries` ("." and ".." first) by cookie and assigns the cookies.
+    pub fn new(generation: u64, mut entries: Vec<DirEntry>) -> Listing {
+        for e in entries.iter_mut() {
+            e.cookie = match e.name.as_bytes() {
+                b"." => 1,
+                b".." => 2,
+                n => name_cookie(n),
+            };
+        }
+        entries.sort_by_key(|e| e.cookie);
+        // A hash collision (vanishingly rare over 62 bits) moves the later name up by one.
+        for i in 1..entries.len() {
+            if entries[i].cookie <= entries[i - 1].cookie {
+                entries[i].cookie = entries[i - 1].cookie + 1;
+            }
+        }
+        Listing {
+            generation,
+            entries,
+        }
+    }
+
+    /// The entries a READDIR at `offset` returns.
+    pub fn from_offset(&self, offset: u64) -> &[DirEntry] {
+        let start = self.entries.partition_point(|e| e.cookie <= offset);
+        &self.entries[start..]
+    }
+}
+
+/// Readdir cookie of a name: 3..2^62, fixed for the life of the process.
+fn name_cookie(name: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    3 + (h.finish() >> 2)
 }
 
 /// Every name in a directory except "." and "..", as the layer stores them.
@@ -196,6 +242,7 @@ pub fn merge<'a>(
                 top: d.idx,
                 lower: Vec::new(),
                 real,
+                cookie: 0,
             });
             let state = (kind == libc::S_IFDIR).then(|| Open {
                 at: out.len() - 1,
@@ -208,4 +255,56 @@ pub fn merge<'a>(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod listing_tests {
+    use super::*;
+
+    fn names(l: &[DirEntry]) -> Vec<String> {
+        l.iter()
+            .map(|e| e.name.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn listing(ns: &[&str]) -> Listing {
+        let mut v = vec![DirEntry::dots(".", 1), DirEntry::dots("..", 1)];
+        for n in ns {
+            let mut e = DirEntry::dots("x", 5);
+            e.name = OsString::from(n);
+            v.push(e);
+        }
+        Listing::new(0, v)
+    }
+
+    #[test]
+    fn streams_continue_across_rebuilt_listings_without_skips() {
+        let all: Vec<String> = (0..500).map(|i| format!("f{i}")).collect();
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let first = listing(&refs);
+        assert_eq!(names(&first.entries[..2]), vec![".", ".."]);
+        // Read 100 entries, delete them, then continue in a listing rebuilt without them.
+        let chunk = &first.from_offset(0)[..102];
+        let offset = chunk.last().unwrap().cookie;
+        let gone: Vec<String> = names(&chunk[2..]);
+        let rest: Vec<&str> = refs
+            .iter()
+            .copied()
+            .filter(|n| !gone.iter().any(|g| g == n))
+            .collect();
+        let second = listing(&rest);
+        let mut seen = names(chunk);
+        seen.extend(names(second.from_offset(offset)));
+        seen.sort();
+        let mut want: Vec<String> = all.clone();
+        want.push(".".into());
+        want.push("..".into());
+        want.sort();
+        assert_eq!(seen, want, "every name exactly once");
+        assert!(
+            second
+                .from_offset(second.entries.last().unwrap().cookie)
+                .is_empty()
+        );
+    }
 }
