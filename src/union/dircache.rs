@@ -96,11 +96,6 @@ impl DirCache {
         Ok(fd)
     }
 
-    /// Drops the cached fds of a directory node (it was removed or replaced).
-    pub fn forget(&self, node: NodeId) {
-        self.fds.retain(|(n, _), _| *n != node);
-    }
-
     pub fn index(
         &self,
         node: NodeId,

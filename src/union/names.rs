@@ -274,7 +274,7 @@ impl Union {
         if in_upper {
             self.forget_if_last_link(udir, name)?;
             if below {
-                self.replace_with_whiteout(udir, name, dir)?;
+                self.replace_with_whiteout(udir, name)?;
             } else {
                 if dir {
                     let sub = open_at(udir, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0)?;
@@ -308,7 +308,7 @@ impl Union {
     }
 
     /// Atomically swaps the upper object at `name` for a whiteout and deletes the object.
-    fn replace_with_whiteout(&self, udir: BorrowedFd, name: &OsStr, dir: bool) -> io::Result<()> {
+    fn replace_with_whiteout(&self, udir: BorrowedFd, name: &OsStr) -> io::Result<()> {
         let work = self.work()?;
         let tmp = self.tmp_name();
         let wh_atomic = self
@@ -327,7 +327,6 @@ impl Union {
             nix::fcntl::renameat(udir, name, work, tmp.as_os_str()).map_err(nix_err)?;
             self.markers.make_whiteout(udir, name)?;
         }
-        let _ = dir;
         super::remove_tree_at(work, &tmp)
     }
 
@@ -541,7 +540,6 @@ impl Union {
     #[allow(clippy::too_many_arguments)]
     pub fn setattr(
         &self,
-        ctx: &Ctx,
         ino: NodeId,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -551,7 +549,6 @@ impl Union {
         mtime: Option<TimeSpec>,
         fh: Option<u64>,
     ) -> io::Result<Attr> {
-        let _ = ctx;
         let node = self.nodes.get(ino)?;
         let data = if size == Some(0) && mode.is_none() && uid.is_none() && gid.is_none() {
             Data::None

@@ -79,11 +79,6 @@ impl Node {
     pub fn layers(&self) -> Vec<LayerIdx> {
         self.read().layers.clone()
     }
-
-    /// The first name of this node; see `NodeTable::live_alias` for one that resolves.
-    pub fn primary(&self) -> Option<(NodeId, OsString)> {
-        self.read().aliases.first().cloned()
-    }
 }
 
 #[derive(Default)]
@@ -368,14 +363,5 @@ impl NodeTable {
             p.push(n);
         }
         Ok(p)
-    }
-
-    /// Every live node (for finding the open handles of an unlinked node, and stats).
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
     }
 }
