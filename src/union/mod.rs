@@ -91,9 +91,11 @@ pub struct Union {
     pub writeback: bool,
 }
 
-/// Whether (parent, name) is taken in the upper, and by what.
+/// What the upper holds at a name.
 #[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct UpperSlot {
+pub(crate) struct UpperEntry {
+    /// A real object (not a whiteout) sits at the name.
+    object: Option<FileStat>,
     /// A whiteout (char dev or xattr dialect) sits at the name.
     whiteout: bool,
     /// `.wh.NAME` exists next to it.
@@ -206,6 +208,17 @@ impl Union {
             .fd(dir.id, li, || self.layers[li].open_dir(&self.path_of(dir)?))
     }
 
+    /// A directory node opened in layer `li`, or None where that layer does not hold it.
+    fn dir_if_present(&self, dir: &Node, li: LayerIdx) -> io::Result<Option<Arc<OwnedFd>>> {
+        match self.dir_in(dir, li) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Markers of a directory open in layer `li` (cached for lower layers).
     pub(crate) fn marks_of(&self, dir: BorrowedFd, li: LayerIdx) -> io::Result<whiteout::DirMarks> {
         if self.is_upper(li) {
@@ -290,12 +303,8 @@ impl Union {
         let mut found: Option<(Found, FileStat)> = None;
         for probe in self.probes(parent, name)? {
             let li = probe.layer;
-            let dir = match self.dir_in(parent, li) {
-                Ok(d) => d,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
-                    continue;
-                }
-                Err(e) => return Err(e),
+            let Some(dir) = self.dir_if_present(parent, li)? else {
+                continue;
             };
             let dfd = dir.as_fd();
             let entry = if probe.entry {
@@ -334,11 +343,7 @@ impl Union {
                     }
                 }
             }
-            let oci = match probe.oci_whiteout {
-                Some(known) => known,
-                None => try_stat_at(dfd, &oci_name(name))?.is_some(),
-            };
-            if oci {
+            if probe.oci_whiteout_at(dfd, name)? {
                 break;
             }
         }
@@ -364,12 +369,8 @@ impl Union {
         let index = self.cache.index(parent.id, || {
             let mut ix = dircache::NameIndex::default();
             for &li in layers.iter().filter(|&&l| !self.is_upper(l)) {
-                match self.dir_in(parent, li) {
-                    Ok(fd) => ix.add_layer(li, readdir::list_names(fd.as_fd())?),
-                    Err(e)
-                        if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
-                    }
-                    Err(e) => return Err(e),
+                if let Some(fd) = self.dir_if_present(parent, li)? {
+                    ix.add_layer(li, readdir::list_names(fd.as_fd())?);
                 }
             }
             Ok(ix)
@@ -412,12 +413,8 @@ impl Union {
     pub fn lower_positive(&self, parent: &Node, name: &OsStr) -> io::Result<bool> {
         for probe in self.probes(parent, name)? {
             let li = probe.layer;
-            let dir = match self.dir_in(parent, li) {
-                Ok(d) => d,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
-                    continue;
-                }
-                Err(e) => return Err(e),
+            let Some(dir) = self.dir_if_present(parent, li)? else {
+                continue;
             };
             let dfd = dir.as_fd();
             if !self.is_upper(li)
@@ -426,11 +423,7 @@ impl Union {
             {
                 return Ok(!self.entry_is_whiteout(dfd, li, name, &st)?);
             }
-            let oci = match probe.oci_whiteout {
-                Some(known) => known,
-                None => try_stat_at(dfd, &oci_name(name))?.is_some(),
-            };
-            if oci {
+            if probe.oci_whiteout_at(dfd, name)? {
                 return Ok(false);
             }
         }
@@ -581,18 +574,18 @@ impl Union {
 
     // ----- helpers for writers -----
 
-    /// Looks at what the upper holds at (upper dir, name) before a create.
-    fn upper_slot(&self, udir: BorrowedFd, name: &OsStr) -> io::Result<UpperSlot> {
-        let mut slot = UpperSlot::default();
+    /// What the upper holds at (upper dir, name): a real object, a whiteout, `.wh.NAME`.
+    pub(crate) fn upper_entry(&self, udir: BorrowedFd, name: &OsStr) -> io::Result<UpperEntry> {
+        let mut e = UpperEntry::default();
         if let Some(st) = try_stat_at(udir, name)? {
             if self.entry_is_whiteout(udir, 0, name, &st)? {
-                slot.whiteout = true;
+                e.whiteout = true;
             } else {
-                return Err(err(libc::EEXIST));
+                e.object = Some(st);
             }
         }
-        slot.oci_whiteout = try_stat_at(udir, &oci_name(name))?.is_some();
-        Ok(slot)
+        e.oci_whiteout = try_stat_at(udir, &oci_name(name))?.is_some();
+        Ok(e)
     }
 
     fn unlink_oci_whiteout(&self, udir: BorrowedFd, name: &OsStr) -> io::Result<()> {
@@ -668,6 +661,16 @@ struct Probe {
     layer: LayerIdx,
     entry: bool,
     oci_whiteout: Option<bool>,
+}
+
+impl Probe {
+    /// Does this layer's directory `dir` hold `.wh.NAME` (hiding `name` below it)?
+    fn oci_whiteout_at(&self, dir: BorrowedFd, name: &OsStr) -> io::Result<bool> {
+        match self.oci_whiteout {
+            Some(known) => Ok(known),
+            None => Ok(try_stat_at(dir, &oci_name(name))?.is_some()),
+        }
+    }
 }
 
 /// A child found for a namespace operation.

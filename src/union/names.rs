@@ -17,7 +17,7 @@ use nix::unistd::UnlinkatFlags;
 
 use super::copyup::Data;
 use super::node::{Found, Node, NodeId};
-use super::{Attr, ChildRef, Ctx, Union, UpperSlot, err, nix_err};
+use super::{Attr, ChildRef, Ctx, Union, err, nix_err};
 use crate::layer::{RealId, file_type, is_dir, open_at, stat_at, try_stat_at};
 
 /// What to make in `create_object`.
@@ -130,7 +130,10 @@ impl Union {
         self.copy_up(&pnode, Data::All)?;
         let udir = self.dir_in(&pnode, 0)?;
         let udir = udir.as_fd();
-        let slot = self.upper_slot(udir, name)?;
+        let slot = self.upper_entry(udir, name)?;
+        if slot.object.is_some() {
+            return Err(err(libc::EEXIST));
+        }
         let pst = nix::sys::stat::fstat(udir).map_err(nix_err)?;
         let is_link = matches!(obj, NewObject::Link { .. });
         let kind = obj.kind();
@@ -439,12 +442,12 @@ impl Union {
         }
 
         let below_src = self.lower_positive(&pn1, n1)?;
-        let dslot = self.upper_target(u2, n2)?;
-        if dslot.dir_in_upper {
+        let dslot = self.upper_entry(u2, n2)?;
+        if dslot.object.as_ref().is_some_and(is_dir) {
             let sub = open_at(u2, n2, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0)?;
             super::whiteout::clear_markers(sub.as_fd())?;
         }
-        if src_dir && dslot.slot.whiteout {
+        if src_dir && dslot.whiteout {
             // A directory cannot replace a non-directory: drop the whiteout first.
             nix::unistd::unlinkat(u2, n2, UnlinkatFlags::NoRemoveDir).map_err(nix_err)?;
         }
@@ -467,7 +470,7 @@ impl Union {
                 self.markers.make_whiteout(u1, n1)?;
             }
         }
-        if dslot.slot.oci_whiteout {
+        if dslot.oci_whiteout {
             self.unlink_oci_whiteout(u2, n2)?;
         }
         if below_dst {
@@ -503,19 +506,6 @@ impl Union {
             }
         }
         Ok(false)
-    }
-
-    fn upper_target(&self, udir: BorrowedFd, name: &OsStr) -> io::Result<Target> {
-        let mut t = Target::default();
-        if let Some(st) = try_stat_at(udir, name)? {
-            if self.entry_is_whiteout(udir, 0, name, &st)? {
-                t.slot.whiteout = true;
-            } else if is_dir(&st) {
-                t.dir_in_upper = true;
-            }
-        }
-        t.slot.oci_whiteout = try_stat_at(udir, &super::whiteout::oci_name(name))?.is_some();
-        Ok(t)
     }
 
     /// The node for a child: the bound one, or a temporary node (not visible to the kernel)
@@ -608,10 +598,4 @@ impl Union {
         let st = stat_at(dir, &name)?;
         Ok(self.finish_attr(&node, st))
     }
-}
-
-#[derive(Default)]
-struct Target {
-    slot: UpperSlot,
-    dir_in_upper: bool,
 }
