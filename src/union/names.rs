@@ -272,9 +272,13 @@ impl Union {
         self.copy_up(&pnode, Data::All)?;
         let udir = self.dir_in(&pnode, 0)?;
         let udir = udir.as_fd();
-        let in_upper = child.layers().first().is_some_and(|&l| self.is_upper(l));
-        let below = self.lower_positive(&pnode, name)?;
+        let layers = child.layers();
+        let in_upper = layers.first().is_some_and(|&l| self.is_upper(l));
         if in_upper {
+            // Something below shows through once the upper object goes: a whiteout stays.
+            // (A lower-only child always gets one; there is nothing to scan for.)
+            let below =
+                layers.iter().any(|&l| !self.is_upper(l)) || self.lower_positive(&pnode, name)?;
             self.forget_if_last_link(udir, name)?;
             if below {
                 self.replace_with_whiteout(udir, name)?;
@@ -422,16 +426,15 @@ impl Union {
         let u2 = self.dir_in(&pn2, 0)?;
         let (u1, u2) = (u1.as_fd(), u2.as_fd());
 
+        // As overlayfs: a pure-upper directory moved into a merged directory is marked
+        // opaque, so that nothing below its new name can ever show through it. (Both parents
+        // are in the upper now, so anything below a name makes its parent merged.)
         if exchange {
-            let below1 = self.lower_positive(&pn1, n1)?;
-            let below2 = self.lower_positive(&pn2, n2)?;
             nix::fcntl::renameat2(u1, n1, u2, n2, RenameFlags::RENAME_EXCHANGE).map_err(nix_err)?;
-            // As overlayfs: a pure-upper directory moved into a merged directory is marked
-            // opaque, so that nothing below its new name can ever show through it.
-            if src_dir && (below2 || self.is_merged(&pn2)) {
+            if src_dir && self.is_merged(&pn2) {
                 self.markers.set_opaque(u2, n2)?;
             }
-            if dst_kind == Some(libc::S_IFDIR) && (below1 || self.is_merged(&pn1)) {
+            if dst_kind == Some(libc::S_IFDIR) && self.is_merged(&pn1) {
                 self.markers.set_opaque(u1, n1)?;
             }
             pn1.changed();
@@ -451,7 +454,7 @@ impl Union {
             // A directory cannot replace a non-directory: drop the whiteout first.
             nix::unistd::unlinkat(u2, n2, UnlinkatFlags::NoRemoveDir).map_err(nix_err)?;
         }
-        let below_dst = src_dir && (self.is_merged(&pn2) || self.lower_has_name(&pn2, n2)?);
+        let below_dst = src_dir && self.is_merged(&pn2);
         if dst_kind.is_some() {
             self.forget_if_last_link(u2, n2)?;
         }
@@ -490,22 +493,6 @@ impl Union {
     fn is_merged(&self, dir: &Node) -> bool {
         let l = dir.layers();
         l.len() > 1 && self.is_upper(l[0])
-    }
-
-    /// Is `name` present (even hidden by an upper whiteout) in a lower layer of `parent`?
-    fn lower_has_name(&self, parent: &Node, name: &OsStr) -> io::Result<bool> {
-        for li in parent.layers() {
-            if self.is_upper(li) {
-                continue;
-            }
-            let Ok(dir) = self.dir_in(parent, li) else {
-                continue;
-            };
-            if let Some(st) = try_stat_at(dir.as_fd(), name)? {
-                return Ok(!super::whiteout::is_chardev_whiteout(&st));
-            }
-        }
-        Ok(false)
     }
 
     /// The node for a child: the bound one, or a temporary node (not visible to the kernel)
