@@ -25,7 +25,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use nix::sys::stat::FileStat;
@@ -134,6 +134,10 @@ impl Union {
         } else if has_upper {
             return Err("upperdir needs a workdir".into());
         }
+        let marker_work = match &work {
+            Some(w) => Some(w.try_clone().map_err(|e| format!("workdir: {e}"))?),
+            None => None,
+        };
         let statfs = nix::sys::statvfs::fstatvfs(layers[0].root())
             .map_err(|e| format!("{}: statfs: {e}", layers[0].path.display()))?;
         let root_st = nix::sys::stat::fstat(layers[0].root())
@@ -151,14 +155,13 @@ impl Union {
             streams: DashMap::new(),
             next_fh: AtomicU64::new(1),
             tmp_seq: AtomicU64::new(0),
-            markers: MarkerWriter {
+            // Test hook: behave as if mknod of whiteouts were refused, to exercise the
+            // `.wh.NAME` fallback on filesystems that do allow it.
+            markers: MarkerWriter::new(
                 xattr_ns,
-                // Test hook: behave as if mknod of whiteouts were refused, to exercise the
-                // `.wh.NAME` fallback on filesystems that do allow it.
-                chardev: AtomicBool::new(
-                    std::env::var_os("UNIONMOUNT_TEST_NO_MKNOD_WHITEOUT").is_none(),
-                ),
-            },
+                std::env::var_os("UNIONMOUNT_TEST_NO_MKNOD_WHITEOUT").is_none(),
+                marker_work,
+            ),
             behaviour: Behaviour {
                 fsync: opts.fsync && !opts.volatile,
                 static_nlink: opts.static_nlink,

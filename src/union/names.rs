@@ -318,6 +318,21 @@ impl Union {
     fn replace_with_whiteout(&self, udir: BorrowedFd, name: &OsStr) -> io::Result<()> {
         let work = self.work()?;
         let tmp = self.tmp_name();
+        if self.markers.whiteout_in_work(&tmp)? {
+            match nix::fcntl::renameat2(
+                work,
+                tmp.as_os_str(),
+                udir,
+                name,
+                RenameFlags::RENAME_EXCHANGE,
+            ) {
+                Ok(()) => return super::remove_tree_at(work, &tmp),
+                Err(_) => {
+                    let _ =
+                        nix::unistd::unlinkat(work, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
+                }
+            }
+        }
         let wh_atomic = self
             .markers
             .chardev

@@ -13,10 +13,12 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use nix::fcntl::OFlag;
+use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 
 use crate::layer::{file_type, open_at, try_stat_at};
@@ -111,23 +113,107 @@ pub fn oci_name(name: &OsStr) -> OsString {
 }
 
 /// How this mount writes markers into its upper, decided once at mount.
+///
+/// Char-device whiteouts are hard links of one whiteout inode kept in the workdir, as the
+/// kernel does ("shared whiteout"): a link allocates no inode, and inode allocation is most of
+/// the cost of a whiteout on ext4. A fresh shared inode is made when the old one reaches the
+/// link limit or disappears; the workdir is emptied at mount, so none outlives the next mount.
 #[derive(Debug)]
 pub struct MarkerWriter {
     /// `trusted.` when we may write trusted xattrs, else `user.`.
     pub xattr_ns: &'static str,
     /// False once mknod of a 0/0 char device was refused: write `.wh.NAME` files instead.
-    pub chardev: std::sync::atomic::AtomicBool,
+    pub chardev: AtomicBool,
+    /// `WORKDIR/work`, home of the shared whiteout; None on a mount without an upper.
+    work: Option<OwnedFd>,
+    /// Name in `work` of the shared whiteout, once made.
+    shared: Mutex<Option<OsString>>,
+    seq: AtomicU64,
 }
 
 impl MarkerWriter {
+    pub fn new(xattr_ns: &'static str, chardev: bool, work: Option<OwnedFd>) -> MarkerWriter {
+        MarkerWriter {
+            xattr_ns,
+            chardev: AtomicBool::new(chardev),
+            work,
+            shared: Mutex::new(None),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    /// Links a new name `name` in `dir` to the shared whiteout. Ok(false) when there is no
+    /// workdir or mknod of a whiteout is refused there (the caller falls back).
+    fn link_shared(&self, dir: BorrowedFd, name: &OsStr) -> io::Result<bool> {
+        let Some(work) = &self.work else {
+            return Ok(false);
+        };
+        for _ in 0..3 {
+            let src = {
+                let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+                if shared.is_none() {
+                    let n = OsString::from(format!(
+                        "#wh.{:x}.{:x}",
+                        std::process::id(),
+                        self.seq.fetch_add(1, Ordering::Relaxed)
+                    ));
+                    match nix::sys::stat::mknodat(
+                        work,
+                        n.as_os_str(),
+                        SFlag::S_IFCHR,
+                        Mode::empty(),
+                        0,
+                    ) {
+                        Ok(()) => *shared = Some(n),
+                        Err(_) => return Ok(false),
+                    }
+                }
+                shared.clone().unwrap_or_default()
+            };
+            match nix::unistd::linkat(work, src.as_os_str(), dir, name, AtFlags::empty()) {
+                Ok(()) => return Ok(true),
+                // The shared inode is full (or was removed behind our back): start another.
+                Err(nix::Error::EMLINK) => self.drop_shared(work.as_fd(), &src),
+                Err(nix::Error::ENOENT) if try_stat_at(work.as_fd(), &src)?.is_none() => {
+                    self.drop_shared(work.as_fd(), &src)
+                }
+                Err(e) => return Err(io::Error::from_raw_os_error(e as i32)),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Stops linking to `src` (full or gone) and removes it from the workdir.
+    fn drop_shared(&self, work: BorrowedFd, src: &OsStr) {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        if shared.as_deref() == Some(src) {
+            let _ = nix::unistd::unlinkat(work, src, nix::unistd::UnlinkatFlags::NoRemoveDir);
+            *shared = None;
+        }
+    }
+
+    /// A whiteout under a fresh temporary name in the workdir, for an atomic exchange with
+    /// an upper object. None when whiteouts are `.wh.` files or cannot be linked.
+    pub fn whiteout_in_work(&self, tmp: &OsStr) -> io::Result<bool> {
+        if !self.chardev.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        match &self.work {
+            Some(work) => self.link_shared(work.as_fd(), tmp),
+            None => Ok(false),
+        }
+    }
+
     pub fn opaque_xattr(&self) -> Vec<u8> {
         format!("{}overlay.opaque", self.xattr_ns).into_bytes()
     }
 
     /// Creates a whiteout for `name` in `dir` (which must not hold `name`).
     pub fn make_whiteout(&self, dir: BorrowedFd, name: &OsStr) -> io::Result<()> {
-        use std::sync::atomic::Ordering;
         if self.chardev.load(Ordering::Relaxed) {
+            if self.link_shared(dir, name)? {
+                return Ok(());
+            }
             match nix::sys::stat::mknodat(dir, name, SFlag::S_IFCHR, Mode::empty(), 0) {
                 Ok(()) => return Ok(()),
                 Err(nix::Error::EPERM) | Err(nix::Error::EACCES) | Err(nix::Error::EOPNOTSUPP) => {
