@@ -243,6 +243,42 @@ def rmtree(path):
         sh(["rm", "-rf", "--one-file-system", path])
 
 
+# ext4 without a journal (as on these VMs) skips inodes deleted in the last 5 s (300 s while
+# their inode-table block is dirty) when it allocates, and that scan made any create-heavy
+# row depend on what the previous driver had just deleted. So nothing is deleted between
+# timed runs: old uppers and workload leftovers are renamed into run/trash, which is emptied
+# (then synced, then left to age) only before and after the whole run, and a timed run that
+# deletes (the delete row) is followed by the same pause.
+TRASH_SEQ = [0]
+INODE_AGE_S = 6.0
+
+
+def discard(path):
+    """Moves `path` out of the way without freeing its inodes (see above)."""
+    if not os.path.lexists(path):
+        return
+    left = mountinfo_under(path)
+    if left:
+        raise RuntimeError("refusing to move %s: mounts below it: %s" % (path, left))
+    trash = P("run", "trash")
+    os.makedirs(trash, exist_ok=True)
+    TRASH_SEQ[0] += 1
+    os.rename(path, os.path.join(trash, "%d.%d" % (os.getpid(), TRASH_SEQ[0])))
+
+
+def empty_trash():
+    """Frees everything discarded, then waits until ext4 no longer skips those inodes."""
+    trash = P("run", "trash")
+    if os.path.lexists(trash):
+        rmtree(trash)
+    settle_deletes()
+
+
+def settle_deletes():
+    os.sync()
+    time.sleep(INODE_AGE_S)
+
+
 def invalidate(name):
     try:
         os.unlink(P("stamps", name + ".json"))
@@ -543,7 +579,7 @@ class Mount:
 
     def _fresh_upper(self):
         for d in (self.upper, self.work):
-            rmtree(d)
+            discard(d)
             os.makedirs(d)
 
     def mount(self, fresh=True):
@@ -630,7 +666,7 @@ class Mount:
                 self.b.active.remove(self)
             if self.driver != "native" and not is_mounted(self.mnt):
                 for d in (self.upper, self.work):
-                    rmtree(d)
+                    discard(d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -934,7 +970,7 @@ class Bench:
             _, out = self.timed("find bench-create -type f | wc -l", target)
             self.check_output("create", d, out)
             if d == "native":
-                rmtree(os.path.join(target, "bench-create"))
+                discard(os.path.join(target, "bench-create"))
 
     def w_delete(self, d, wl):
         rel = wl["delete_dir"]
@@ -950,6 +986,7 @@ class Bench:
             if d == "native":
                 sh(["cp", "-a", os.path.join(P("layers", "python"), rel),
                     os.path.join(m.root, rel)])
+        settle_deletes()
 
     def w_compileall(self, d, wl):
         args = wl["compile_args"]
@@ -968,7 +1005,10 @@ class Bench:
             _, out = self.timed("find . -name '*.pyc' | wc -l", cwd)
             self.check_output("compileall", d, out)
             if d == "native":
-                sh("find . -name __pycache__ -type d -prune -exec rm -rf {} +", cwd=cwd)
+                for dirpath, dirnames, _ in os.walk(cwd):
+                    if "__pycache__" in dirnames:
+                        dirnames.remove("__pycache__")
+                        discard(os.path.join(dirpath, "__pycache__"))
 
     def w_layers(self, d, sets):
         hits = ["t/f%04d" % k for k in range(N_STAT)]
@@ -1067,6 +1107,7 @@ class Bench:
                     ",".join(sorted(unknown)), ",".join(g[0] for g in groups)))
             groups = [g for g in groups if g[0] in only]
         self.groups_run = [g[0] for g in groups]
+        empty_trash()
         t_start = time.time()
         self.load_before = loadavg()
         busy = cpu_busy()
@@ -1253,8 +1294,8 @@ def main():
             except Exception:
                 pass
         left = cleanup_all_mounts()
-        for d in (P("run", "upper"), P("run", "work")):
-            if not left:
+        if not left:
+            for d in (P("run", "upper"), P("run", "work"), P("run", "trash")):
                 shutil.rmtree(d, ignore_errors=True)
     ts = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     outdir = os.path.join(REPO, "target", "bench")
