@@ -5,5 +5,6 @@ pub mod cli;
 pub mod fuse;
 pub mod layer;
 pub mod options;
+pub mod store;
 pub mod sys;
 pub mod union;
