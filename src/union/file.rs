@@ -313,6 +313,21 @@ impl Union {
         entries.push(DirEntry::dots(".", node.ino));
         entries.push(DirEntry::dots("..", parent_ino));
         entries.extend(self.merge_listing(&layers, &fds)?);
+        if let Some(p) = &self.prefetch
+            && !node
+                .prefetched
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            for e in entries.iter().skip(2).filter(|e| e.kind == libc::S_IFDIR) {
+                for li in e.layers() {
+                    if let Some(pos) = layers.iter().position(|&l| l == li)
+                        && !self.is_upper(li)
+                    {
+                        p.push(&fds[pos], e.name.clone());
+                    }
+                }
+            }
+        }
         Ok(Listing::new(generation, entries))
     }
 

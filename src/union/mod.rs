@@ -15,6 +15,7 @@ pub mod dircache;
 pub mod file;
 pub mod names;
 pub mod node;
+pub mod prefetch;
 pub mod readdir;
 pub mod whiteout;
 pub mod xattr;
@@ -89,6 +90,8 @@ pub struct Union {
     index_min_lowers: usize,
     /// The kernel caches writes (FUSE writeback cache, negotiated when passthrough is off).
     pub writeback: bool,
+    /// Warms lower directories ahead of a walker; None when disabled.
+    pub prefetch: Option<prefetch::Prefetcher>,
 }
 
 /// What the upper holds at a name.
@@ -175,6 +178,7 @@ impl Union {
             can_chown,
             index_min_lowers: index_min_lowers(),
             writeback: false,
+            prefetch: prefetcher(),
         })
     }
 
@@ -767,6 +771,19 @@ pub(crate) fn remove_tree_at(dir: BorrowedFd, name: &OsStr) -> io::Result<()> {
 }
 
 /// `trusted.` when this process may write trusted xattrs on the upper's filesystem.
+/// The prefetcher of lower directories: one worker warming one level below each directory
+/// listed, unless `UNIONMOUNT_PREFETCH=WORKERS:DEPTH` says otherwise (0 workers: off).
+fn prefetcher() -> Option<prefetch::Prefetcher> {
+    let (mut workers, mut depth) = (1usize, 1u8);
+    if let Some(v) = std::env::var_os("UNIONMOUNT_PREFETCH") {
+        let v = v.to_string_lossy().into_owned();
+        let mut it = v.split(':');
+        workers = it.next().and_then(|w| w.parse().ok()).unwrap_or(workers);
+        depth = it.next().and_then(|d| d.parse().ok()).unwrap_or(depth);
+    }
+    (workers > 0).then(|| prefetch::Prefetcher::new(workers.min(8), depth.min(8)))
+}
+
 fn probe_xattr_ns(work: BorrowedFd) -> &'static str {
     use crate::sys::XTarget;
     let probe = b"trusted.overlay.unionmount-probe";

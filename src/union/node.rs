@@ -48,6 +48,8 @@ pub struct Node {
     /// Namespace generation of a directory: bumped by every change of what its names
     /// resolve to (create, remove, rename, link, copy-up of a child).
     generation: AtomicU64,
+    /// A directory whose subdirectories were handed to the prefetcher (once per node).
+    pub prefetched: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -157,6 +159,7 @@ impl NodeTable {
                 }),
                 copy_lock: Mutex::new(()),
                 generation: AtomicU64::new(0),
+                prefetched: std::sync::atomic::AtomicBool::new(false),
             }),
         );
         t
@@ -225,6 +228,7 @@ impl NodeTable {
                     }),
                     copy_lock: Mutex::new(()),
                     generation: AtomicU64::new(0),
+                    prefetched: std::sync::atomic::AtomicBool::new(false),
                 });
                 self.nodes.insert(ino, n.clone());
                 n
