@@ -6,11 +6,18 @@
 //! stored in a layer is never followed by the daemon and nothing outside the root is reached.
 //! Directory fds are opened per operation (no fd pinned per inode; lowers are immutable).
 
+pub mod ldir;
+pub mod virt;
+
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+pub use ldir::LDir;
+pub use virt::VirtualLayer;
 
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{FileStat, Mode};
@@ -39,8 +46,11 @@ impl RealId {
 pub struct Layer {
     /// Where the layer lives, for messages only.
     pub path: PathBuf,
+    /// The layer's root directory; for a virtual layer, a directory on the filesystem that
+    /// holds its data (statfs only).
     root: OwnedFd,
     pub dev: u64,
+    virt: Option<Arc<dyn VirtualLayer>>,
 }
 
 /// Checks one path component from the kernel or a layer: not empty, no '/', not "." or "..".
@@ -74,11 +84,45 @@ impl Layer {
             path: path.to_path_buf(),
             root,
             dev: st.st_dev,
+            virt: None,
         })
+    }
+
+    /// A read-only layer served by `v`; `name` is for messages, `data_dir` a directory on
+    /// the filesystem that holds its data (what statfs reports for it).
+    pub fn virtual_layer(
+        name: &str,
+        data_dir: &Path,
+        v: Arc<dyn VirtualLayer>,
+    ) -> Result<Layer, String> {
+        let root = nix::fcntl::open(
+            data_dir,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("{}: {}", data_dir.display(), e.desc()))?;
+        Ok(Layer {
+            path: PathBuf::from(name),
+            root,
+            dev: v.dev(),
+            virt: Some(v),
+        })
+    }
+
+    pub fn is_virtual(&self) -> bool {
+        self.virt.is_some()
     }
 
     pub fn root(&self) -> BorrowedFd<'_> {
         self.root.as_fd()
+    }
+
+    /// stat of the layer's root directory.
+    pub fn root_stat(&self) -> io::Result<FileStat> {
+        match &self.virt {
+            Some(v) => v.stat(v.root()),
+            None => nix::sys::stat::fstat(self.root.as_fd()).map_err(errno),
+        }
     }
 
     /// openat2 beneath the root with no symlinks anywhere on the path. `rel` is "." for the
@@ -104,8 +148,30 @@ impl Layer {
     }
 
     /// A directory of this layer opened for reading (listing, *at calls, xattrs).
-    pub fn open_dir(&self, rel: &Path) -> io::Result<OwnedFd> {
-        self.open_rel(rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0)
+    pub fn open_dir(&self, rel: &Path) -> io::Result<LDir> {
+        let Some(v) = &self.virt else {
+            return Ok(LDir::Fd(Arc::new(self.open_rel(
+                rel,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                0,
+            )?)));
+        };
+        let mut id = v.root();
+        for c in rel.components() {
+            match c {
+                Component::CurDir => {}
+                Component::Normal(n) => {
+                    id = v
+                        .lookup(id, n)?
+                        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+                    if v.stat(id)?.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                        return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+                    }
+                }
+                _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+            }
+        }
+        Ok(LDir::Virt(v.clone(), id))
     }
 }
 

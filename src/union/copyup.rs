@@ -19,7 +19,7 @@ use nix::sys::time::TimeSpec;
 
 use super::node::{Node, ROOT_ID};
 use super::{Union, err, nix_err};
-use crate::layer::{file_type, open_at, stat_at};
+use crate::layer::{LDir, file_type, open_at, stat_at};
 use crate::sys::{self, XTarget};
 
 /// What a copy-up must bring along.
@@ -58,18 +58,18 @@ impl Union {
         }
         let lower_dir = self.dir_in(&parent, li)?;
         let upper_dir = self.dir_in(&parent, 0)?;
-        let st = stat_at(lower_dir.as_fd(), &name)?;
+        let st = lower_dir.stat(&name)?;
         let work = self.work()?;
         let tmp = self.tmp_name();
         // Copy-up is not a change the user made: the parent keeps its times (as overlayfs).
-        let pst = nix::sys::stat::fstat(upper_dir.as_fd()).map_err(nix_err)?;
+        let pst = nix::sys::stat::fstat(upper_dir.fd()?).map_err(nix_err)?;
         let res = self
-            .build_copy(lower_dir.as_fd(), &name, &st, work, &tmp, data)
+            .build_copy(&lower_dir, &name, &st, work, &tmp, data)
             .and_then(|()| {
                 nix::fcntl::renameat2(
                     work,
                     tmp.as_os_str(),
-                    upper_dir.as_fd(),
+                    upper_dir.fd()?,
                     name.as_os_str(),
                     RenameFlags::RENAME_NOREPLACE,
                 )
@@ -85,12 +85,12 @@ impl Union {
             return Err(e);
         }
         nix::sys::stat::futimens(
-            upper_dir.as_fd(),
+            upper_dir.fd()?,
             &TimeSpec::new(pst.st_atime, pst.st_atime_nsec),
             &TimeSpec::new(pst.st_mtime, pst.st_mtime_nsec),
         )
         .map_err(nix_err)?;
-        let ust = stat_at(upper_dir.as_fd(), &name)?;
+        let ust = stat_at(upper_dir.fd()?, &name)?;
         parent.changed();
         self.nodes.set_upper(node, crate::layer::RealId::of(&ust));
         let others: Vec<_> = {
@@ -126,15 +126,15 @@ impl Union {
     pub(crate) fn link_up_alias(&self, node: &Node, parent: &Node, name: &OsStr) -> io::Result<()> {
         self.copy_up(parent, Data::All)?;
         let udir = self.dir_in(parent, 0)?;
-        if crate::layer::try_stat_at(udir.as_fd(), name)?.is_some() {
+        if crate::layer::try_stat_at(udir.fd()?, name)?.is_some() {
             return Ok(());
         }
         let (sdir, sname) = self.parent_in(node, 0)?;
         parent.changed();
         nix::unistd::linkat(
-            sdir.as_fd(),
+            sdir.fd()?,
             sname.as_os_str(),
-            udir.as_fd(),
+            udir.fd()?,
             name,
             AtFlags::empty(),
         )
@@ -143,7 +143,7 @@ impl Union {
 
     fn build_copy(
         &self,
-        src_dir: BorrowedFd,
+        src_dir: &LDir,
         name: &OsStr,
         st: &FileStat,
         work: BorrowedFd,
@@ -152,7 +152,7 @@ impl Union {
     ) -> io::Result<()> {
         match file_type(st) {
             libc::S_IFREG => {
-                let src = open_at(src_dir, name, OFlag::O_RDONLY, 0)?;
+                let src = src_dir.open(name, OFlag::O_RDONLY)?;
                 let dst = open_at(
                     work,
                     tmp,
@@ -170,7 +170,7 @@ impl Union {
             libc::S_IFDIR => nix::sys::stat::mkdirat(work, tmp, Mode::from_bits_truncate(0o700))
                 .map_err(nix_err)?,
             libc::S_IFLNK => {
-                let target = nix::fcntl::readlinkat(src_dir, name).map_err(nix_err)?;
+                let target = src_dir.readlink(name)?;
                 nix::unistd::symlinkat(target.as_os_str(), work, tmp).map_err(nix_err)?;
             }
             t => {
@@ -185,7 +185,7 @@ impl Union {
                 .map_err(nix_err)?;
             }
         }
-        copy_xattrs(XTarget::At(src_dir, name), XTarget::At(work, tmp))?;
+        copy_xattrs(src_dir, name, XTarget::At(work, tmp))?;
         let perm = (file_type(st) != libc::S_IFLNK).then_some(st.st_mode & 0o7777);
         self.set_owner_mode(work, tmp, st.st_uid, st.st_gid, perm)?;
         let times = [
@@ -214,8 +214,8 @@ pub fn is_private_xattr(name: &[u8]) -> bool {
     name.starts_with(b"user.fuseoverlayfs.") || name.starts_with(b"user.unionmount.")
 }
 
-fn copy_xattrs(src: XTarget, dst: XTarget) -> io::Result<()> {
-    let names = match sys::listxattr(src) {
+fn copy_xattrs(src_dir: &LDir, src: &OsStr, dst: XTarget) -> io::Result<()> {
+    let names = match src_dir.listxattr(Some(src)) {
         Ok(n) => n,
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP) | Some(libc::EPERM)) => {
             return Ok(());
@@ -226,7 +226,7 @@ fn copy_xattrs(src: XTarget, dst: XTarget) -> io::Result<()> {
         if is_private_xattr(name) {
             continue;
         }
-        let Some(value) = sys::getxattr_vec(src, name)? else {
+        let Some(value) = src_dir.getxattr(Some(src), name)? else {
             continue;
         };
         match sys::setxattr(dst, name, &value, 0) {

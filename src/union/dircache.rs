@@ -15,7 +15,6 @@
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
@@ -23,7 +22,7 @@ use dashmap::DashMap;
 
 use super::node::NodeId;
 use super::whiteout::{DirMarks, OPAQUE_MARKER, oci_whiteout_target};
-use crate::layer::{LayerIdx, RealId};
+use crate::layer::{LDir, LayerIdx, RealId};
 
 const FD_CAP: usize = 4096;
 const INDEX_CAP: usize = 512;
@@ -75,7 +74,7 @@ impl NameIndex {
 
 #[derive(Default)]
 pub struct DirCache {
-    fds: DashMap<(NodeId, LayerIdx), Arc<OwnedFd>>,
+    fds: DashMap<(NodeId, LayerIdx), LDir>,
     marks: DashMap<RealId, DirMarks>,
     indexes: DashMap<NodeId, Arc<NameIndex>>,
 }
@@ -85,12 +84,12 @@ impl DirCache {
         &self,
         node: NodeId,
         layer: LayerIdx,
-        open: impl FnOnce() -> io::Result<OwnedFd>,
-    ) -> io::Result<Arc<OwnedFd>> {
+        open: impl FnOnce() -> io::Result<LDir>,
+    ) -> io::Result<LDir> {
         if let Some(fd) = self.fds.get(&(node, layer)) {
             return Ok(fd.clone());
         }
-        let fd = Arc::new(open()?);
+        let fd = open()?;
         make_room(&self.fds, FD_CAP);
         self.fds.insert((node, layer), fd.clone());
         Ok(fd)

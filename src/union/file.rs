@@ -8,6 +8,8 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+
+use crate::layer::LDir;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -91,11 +93,11 @@ impl Union {
         let flags = of.bits();
         // Through the cached parent directory: one openat of one name, never following it.
         let (dir, name) = self.parent_in(node, li)?;
-        match crate::layer::open_at(dir.as_fd(), &name, of, 0) {
+        match dir.open(&name, of) {
             // O_NOATIME is refused for files the caller does not own: drop it, as it is only
             // an optimisation.
             Err(e) if e.raw_os_error() == Some(libc::EPERM) && flags & libc::O_NOATIME != 0 => {
-                crate::layer::open_at(dir.as_fd(), &name, of & !OFlag::O_NOATIME, 0)
+                dir.open(&name, of & !OFlag::O_NOATIME)
             }
             r => r,
         }
@@ -263,8 +265,8 @@ impl Union {
         if !self.behaviour.fsync || !self.is_upper(node.top_layer()) {
             return Ok(());
         }
-        let fd = self.dir_in(&node, 0)?;
-        nix::unistd::fsync(&fd).map_err(nix_err)
+        let dir = self.dir_in(&node, 0)?;
+        nix::unistd::fsync(dir.fd()?).map_err(nix_err)
     }
 
     // ----- directories -----
@@ -322,8 +324,9 @@ impl Union {
                 for li in e.layers() {
                     if let Some(pos) = layers.iter().position(|&l| l == li)
                         && !self.is_upper(li)
+                        && let Some(fd) = fds[pos].shared_fd()
                     {
-                        p.push(&fds[pos], e.name.clone());
+                        p.push(fd, e.name.clone());
                     }
                 }
             }
@@ -335,15 +338,15 @@ impl Union {
     pub(crate) fn merge_listing(
         &self,
         layers: &[usize],
-        fds: &[impl AsFd],
+        fds: &[LDir],
     ) -> io::Result<Vec<DirEntry>> {
         let dirs: Vec<readdir::LayerDir> = layers
             .iter()
             .zip(fds)
-            .map(|(&li, fd)| readdir::LayerDir {
+            .map(|(&li, dir)| readdir::LayerDir {
                 idx: li,
                 layer: &self.layers[li],
-                fd: fd.as_fd(),
+                dir,
             })
             .collect();
         readdir::merge(
@@ -419,7 +422,7 @@ impl Union {
             return Err(err(libc::EINVAL));
         }
         let (dir, name) = self.parent_in(&node, node.top_layer())?;
-        let t = nix::fcntl::readlinkat(dir.as_fd(), name.as_os_str()).map_err(nix_err)?;
+        let t = dir.readlink(&name)?;
         Ok(t.as_bytes().to_vec())
     }
 

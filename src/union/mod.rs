@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use dashmap::DashMap;
 use nix::sys::stat::FileStat;
 
-use crate::layer::{Layer, LayerIdx, RealId, check_name, is_dir, open_at, try_stat_at};
+use crate::layer::{LDir, Layer, LayerIdx, RealId, check_name, is_dir, open_at, try_stat_at};
 use crate::options::{IdMap, MountOptions};
 use node::{Found, Node, NodeId, NodeTable};
 use whiteout::{MarkerWriter, oci_name};
@@ -143,7 +143,8 @@ impl Union {
         };
         let statfs = nix::sys::statvfs::fstatvfs(layers[0].root())
             .map_err(|e| format!("{}: statfs: {e}", layers[0].path.display()))?;
-        let root_st = nix::sys::stat::fstat(layers[0].root())
+        let root_st = layers[0]
+            .root_stat()
             .map_err(|e| format!("{}: {e}", layers[0].path.display()))?;
         let root_layers = (0..layers.len()).collect();
         let can_chown = crate::sys::geteuid() == 0;
@@ -210,13 +211,13 @@ impl Union {
     }
 
     /// A directory node opened in layer `li`.
-    pub(crate) fn dir_in(&self, dir: &Node, li: LayerIdx) -> io::Result<Arc<OwnedFd>> {
+    pub(crate) fn dir_in(&self, dir: &Node, li: LayerIdx) -> io::Result<LDir> {
         self.cache
             .fd(dir.id, li, || self.layers[li].open_dir(&self.path_of(dir)?))
     }
 
     /// A directory node opened in layer `li`, or None where that layer does not hold it.
-    fn dir_if_present(&self, dir: &Node, li: LayerIdx) -> io::Result<Option<Arc<OwnedFd>>> {
+    fn dir_if_present(&self, dir: &Node, li: LayerIdx) -> io::Result<Option<LDir>> {
         match self.dir_in(dir, li) {
             Ok(d) => Ok(Some(d)),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
@@ -227,11 +228,11 @@ impl Union {
     }
 
     /// Markers of a directory open in layer `li` (cached for lower layers).
-    pub(crate) fn marks_of(&self, dir: BorrowedFd, li: LayerIdx) -> io::Result<whiteout::DirMarks> {
+    pub(crate) fn marks_of(&self, dir: &LDir, li: LayerIdx) -> io::Result<whiteout::DirMarks> {
         if self.is_upper(li) {
             return whiteout::dir_marks(dir);
         }
-        let st = nix::sys::stat::fstat(dir).map_err(nix_err)?;
+        let st = dir.stat_self()?;
         self.cache
             .lower_marks(RealId::of(&st), || whiteout::dir_marks(dir))
     }
@@ -239,7 +240,7 @@ impl Union {
     /// Is the directory `name` (stat'ed as `st`) in `dir` of layer `li` opaque?
     fn child_opaque(
         &self,
-        dir: BorrowedFd,
+        dir: &LDir,
         name: &OsStr,
         st: &FileStat,
         li: LayerIdx,
@@ -250,20 +251,12 @@ impl Union {
     /// `child_opaque` for a directory known by its (dev, ino) in layer `li`.
     pub(crate) fn child_opaque_id(
         &self,
-        dir: BorrowedFd,
+        dir: &LDir,
         name: &OsStr,
         id: RealId,
         li: LayerIdx,
     ) -> io::Result<bool> {
-        let read = || {
-            let fd = open_at(
-                dir,
-                name,
-                nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
-                0,
-            )?;
-            whiteout::dir_marks(fd.as_fd())
-        };
+        let read = || whiteout::dir_marks(&dir.child_dir(name)?);
         if self.is_upper(li) {
             return Ok(read()?.opaque);
         }
@@ -272,11 +265,7 @@ impl Union {
 
     /// The parent directory of `node` opened in layer `li`, and the node's name in it.
     /// For the root: the root itself and ".".
-    pub(crate) fn parent_in(
-        &self,
-        node: &Node,
-        li: LayerIdx,
-    ) -> io::Result<(Arc<OwnedFd>, OsString)> {
+    pub(crate) fn parent_in(&self, node: &Node, li: LayerIdx) -> io::Result<(LDir, OsString)> {
         match self.nodes.live_alias(node) {
             None if node.id == node::ROOT_ID => Ok((
                 self.cache
@@ -313,9 +302,9 @@ impl Union {
             let Some(dir) = self.dir_if_present(parent, li)? else {
                 continue;
             };
-            let dfd = dir.as_fd();
+            let dfd = &dir;
             let entry = if probe.entry {
-                try_stat_at(dfd, name)?
+                dfd.try_stat(name)?
             } else {
                 None
             };
@@ -377,7 +366,7 @@ impl Union {
             let mut ix = dircache::NameIndex::default();
             for &li in layers.iter().filter(|&&l| !self.is_upper(l)) {
                 if let Some(fd) = self.dir_if_present(parent, li)? {
-                    ix.add_layer(li, readdir::list_names(fd.as_fd())?);
+                    ix.add_layer(li, fd.names()?);
                 }
             }
             Ok(ix)
@@ -400,7 +389,7 @@ impl Union {
 
     fn entry_is_whiteout(
         &self,
-        dir: BorrowedFd,
+        dir: &LDir,
         li: LayerIdx,
         name: &OsStr,
         st: &FileStat,
@@ -423,10 +412,10 @@ impl Union {
             let Some(dir) = self.dir_if_present(parent, li)? else {
                 continue;
             };
-            let dfd = dir.as_fd();
+            let dfd = &dir;
             if !self.is_upper(li)
                 && probe.entry
-                && let Some(st) = try_stat_at(dfd, name)?
+                && let Some(st) = dfd.try_stat(name)?
             {
                 return Ok(!self.entry_is_whiteout(dfd, li, name, &st)?);
             }
@@ -479,7 +468,7 @@ impl Union {
             return self.lookup(parent, &e.name);
         }
         let dir = self.dir_in(&pnode, e.top)?;
-        let st = match try_stat_at(dir.as_fd(), &e.name)? {
+        let st = match dir.try_stat(&e.name)? {
             Some(st) if RealId::of(&st) == e.real => st,
             _ => return self.lookup(parent, &e.name),
         };
@@ -562,10 +551,10 @@ impl Union {
             return Err(err(libc::ENOENT));
         }
         if node.id == node::ROOT_ID {
-            return nix::sys::stat::fstat(self.layers[li].root()).map_err(nix_err);
+            return self.layers[li].root_stat();
         }
         match self.parent_in(node, li) {
-            Ok((dir, name)) => crate::layer::stat_at(dir.as_fd(), &name),
+            Ok((dir, name)) => dir.stat(&name),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 // Unlinked but open: answer from an open handle.
                 self.stat_open(node).ok_or(e)
@@ -582,16 +571,16 @@ impl Union {
     // ----- helpers for writers -----
 
     /// What the upper holds at (upper dir, name): a real object, a whiteout, `.wh.NAME`.
-    pub(crate) fn upper_entry(&self, udir: BorrowedFd, name: &OsStr) -> io::Result<UpperEntry> {
+    pub(crate) fn upper_entry(&self, udir: &LDir, name: &OsStr) -> io::Result<UpperEntry> {
         let mut e = UpperEntry::default();
-        if let Some(st) = try_stat_at(udir, name)? {
+        if let Some(st) = udir.try_stat(name)? {
             if self.entry_is_whiteout(udir, 0, name, &st)? {
                 e.whiteout = true;
             } else {
                 e.object = Some(st);
             }
         }
-        e.oci_whiteout = try_stat_at(udir, &oci_name(name))?.is_some();
+        e.oci_whiteout = udir.try_stat(&oci_name(name))?.is_some();
         Ok(e)
     }
 
@@ -672,10 +661,10 @@ struct Probe {
 
 impl Probe {
     /// Does this layer's directory `dir` hold `.wh.NAME` (hiding `name` below it)?
-    fn oci_whiteout_at(&self, dir: BorrowedFd, name: &OsStr) -> io::Result<bool> {
+    fn oci_whiteout_at(&self, dir: &LDir, name: &OsStr) -> io::Result<bool> {
         match self.oci_whiteout {
             Some(known) => Ok(known),
-            None => Ok(try_stat_at(dir, &oci_name(name))?.is_some()),
+            None => Ok(dir.try_stat(&oci_name(name))?.is_some()),
         }
     }
 }

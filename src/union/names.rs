@@ -128,9 +128,9 @@ impl Union {
             return Err(err(libc::ENOTDIR));
         }
         self.copy_up(&pnode, Data::All)?;
-        let udir = self.dir_in(&pnode, 0)?;
-        let udir = udir.as_fd();
-        let slot = self.upper_entry(udir, name)?;
+        let uldir = self.dir_in(&pnode, 0)?;
+        let udir = uldir.fd()?;
+        let slot = self.upper_entry(&uldir, name)?;
         if slot.object.is_some() {
             return Err(err(libc::EEXIST));
         }
@@ -244,7 +244,7 @@ impl Union {
             parent,
             name,
             NewObject::Link {
-                dir: sdir.as_fd(),
+                dir: sdir.fd()?,
                 name: &sname,
             },
         )?;
@@ -271,7 +271,7 @@ impl Union {
         }
         self.copy_up(&pnode, Data::All)?;
         let udir = self.dir_in(&pnode, 0)?;
-        let udir = udir.as_fd();
+        let udir = udir.fd()?;
         let layers = child.layers();
         let in_upper = layers.first().is_some_and(|&l| self.is_upper(l));
         if in_upper {
@@ -437,9 +437,9 @@ impl Union {
             let n = self.bound_or_temp(&pn2, n2, d)?;
             self.copy_up(&n, Data::All)?;
         }
-        let u1 = self.dir_in(&pn1, 0)?;
-        let u2 = self.dir_in(&pn2, 0)?;
-        let (u1, u2) = (u1.as_fd(), u2.as_fd());
+        let ul1 = self.dir_in(&pn1, 0)?;
+        let ul2 = self.dir_in(&pn2, 0)?;
+        let (u1, u2) = (ul1.fd()?, ul2.fd()?);
 
         // As overlayfs: a pure-upper directory moved into a merged directory is marked
         // opaque, so that nothing below its new name can ever show through it. (Both parents
@@ -460,7 +460,7 @@ impl Union {
         }
 
         let below_src = self.lower_positive(&pn1, n1)?;
-        let dslot = self.upper_entry(u2, n2)?;
+        let dslot = self.upper_entry(&ul2, n2)?;
         if dslot.object.as_ref().is_some_and(is_dir) {
             let sub = open_at(u2, n2, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0)?;
             super::whiteout::clear_markers(sub.as_fd())?;
@@ -549,7 +549,7 @@ impl Union {
         };
         self.copy_up(&node, data)?;
         let (dir, name) = self.parent_in(&node, 0)?;
-        let dir = dir.as_fd();
+        let dir = dir.fd()?;
         if uid.is_some() || gid.is_some() {
             nix::unistd::fchownat(
                 dir,

@@ -13,7 +13,7 @@ use std::os::unix::ffi::OsStrExt;
 
 use nix::dir::{Dir, Type};
 
-use crate::layer::{Layer, LayerIdx, RealId, file_type, open_at, try_stat_at};
+use crate::layer::{LDir, Layer, LayerIdx, RealId, file_type, open_at};
 use crate::union::node::InoTable;
 use crate::union::whiteout::{self, OPAQUE_MARKER};
 
@@ -116,7 +116,7 @@ pub fn list_names(dir: BorrowedFd) -> io::Result<Vec<OsString>> {
 /// (name, d_ino, d_type) of every entry except "." and "..". Reads through a fresh open of
 /// the directory: a `dup` would share the file offset with the caller's (possibly cached
 /// and concurrently used) fd.
-fn raw_entries(dir: BorrowedFd) -> io::Result<Vec<(OsString, u64, Option<Type>)>> {
+pub(crate) fn raw_entries(dir: BorrowedFd) -> io::Result<Vec<(OsString, u64, Option<Type>)>> {
     let fd: OwnedFd = open_at(
         dir,
         OsStr::new("."),
@@ -140,30 +140,18 @@ fn raw_entries(dir: BorrowedFd) -> io::Result<Vec<(OsString, u64, Option<Type>)>
     Ok(out)
 }
 
-fn type_bits(t: Type) -> u32 {
-    match t {
-        Type::Fifo => libc::S_IFIFO,
-        Type::CharacterDevice => libc::S_IFCHR,
-        Type::Directory => libc::S_IFDIR,
-        Type::BlockDevice => libc::S_IFBLK,
-        Type::File => libc::S_IFREG,
-        Type::Symlink => libc::S_IFLNK,
-        Type::Socket => libc::S_IFSOCK,
-    }
-}
-
 /// One layer's copy of a directory being listed.
 pub struct LayerDir<'a> {
     pub idx: LayerIdx,
     pub layer: &'a Layer,
-    pub fd: BorrowedFd<'a>,
+    pub dir: &'a LDir,
 }
 
 /// A directory name still collecting the lower layers it merges: its index in the output
 /// and its lowest occurrence so far (layer, fd of the parent there, d_ino).
 struct Open<'a> {
     at: usize,
-    last: (LayerIdx, BorrowedFd<'a>, u64),
+    last: (LayerIdx, &'a LDir, u64),
 }
 
 /// Merges the listings of one directory across `dirs` (its open fd in each layer it
@@ -176,17 +164,17 @@ struct Open<'a> {
 pub fn merge<'a>(
     dirs: &[LayerDir<'a>],
     inos: &InoTable,
-    marks: impl Fn(BorrowedFd, LayerIdx) -> io::Result<whiteout::DirMarks>,
-    opaque: impl Fn(LayerIdx, BorrowedFd, &OsStr, u64) -> io::Result<bool>,
+    marks: impl Fn(&LDir, LayerIdx) -> io::Result<whiteout::DirMarks>,
+    opaque: impl Fn(LayerIdx, &LDir, &OsStr, u64) -> io::Result<bool>,
 ) -> io::Result<Vec<DirEntry>> {
     // name → Some(still-open directory) or None (decided for good).
     let mut decided: HashMap<OsString, Option<Open<'a>>> = HashMap::new();
     let mut out: Vec<DirEntry> = Vec::new();
     for d in dirs {
-        let (layer, dir) = (d.layer, d.fd);
+        let (layer, dir) = (d.layer, d.dir);
         let marks = marks(dir, d.idx)?;
         let mut hidden_below = Vec::new();
-        for (name, d_ino, d_type) in raw_entries(dir)? {
+        for (name, d_ino, d_type) in dir.entries()? {
             if name.as_bytes() == OPAQUE_MARKER {
                 continue;
             }
@@ -198,7 +186,7 @@ pub fn merge<'a>(
             if matches!(slot, Some(None)) {
                 continue;
             }
-            let mut kind = d_type.map(type_bits);
+            let mut kind = d_type;
             let needs_stat = match kind {
                 None => true,
                 Some(libc::S_IFCHR) => true,
@@ -207,7 +195,7 @@ pub fn merge<'a>(
             };
             let mut is_whiteout = false;
             if needs_stat {
-                let Some(st) = try_stat_at(dir, &name)? else {
+                let Some(st) = dir.try_stat(&name)? else {
                     continue;
                 };
                 kind = Some(file_type(&st));

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 
-use crate::layer::{file_type, open_at, try_stat_at};
+use crate::layer::{LDir, file_type, open_at, try_stat_at};
 use crate::sys::{self, XTarget};
 
 pub const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
@@ -45,23 +45,23 @@ pub struct DirMarks {
 
 /// Reads the markers of an open directory: one listxattr, values read only when present,
 /// and one stat for the OCI marker file.
-pub fn dir_marks(dir: BorrowedFd) -> io::Result<DirMarks> {
+pub fn dir_marks(dir: &LDir) -> io::Result<DirMarks> {
     let mut marks = DirMarks::default();
-    let names = match sys::listxattr(XTarget::Fd(dir)) {
+    let names = match dir.listxattr(None) {
         Ok(n) => n,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => Vec::new(),
         Err(e) => return Err(e),
     };
     for name in names.split(|b| *b == 0) {
         if OPAQUE_XATTRS.contains(&name) {
-            match sys::getxattr_vec(XTarget::Fd(dir), name)?.as_deref() {
+            match dir.getxattr(None, name)?.as_deref() {
                 Some(b"y") => marks.opaque = true,
                 Some(b"x") => marks.xattr_whiteouts = true,
                 _ => {}
             }
         }
     }
-    if !marks.opaque && try_stat_at(dir, OsStr::from_bytes(OPAQUE_MARKER))?.is_some() {
+    if !marks.opaque && dir.try_stat(OsStr::from_bytes(OPAQUE_MARKER))?.is_some() {
         marks.opaque = true;
     }
     Ok(marks)
@@ -73,18 +73,13 @@ pub fn is_chardev_whiteout(st: &FileStat) -> bool {
 
 /// Is the entry `name` (already stat'ed as `st`) in `dir` a whiteout in any dialect that
 /// applies to the entry itself (not the `.wh.` form, which names another entry)?
-pub fn is_whiteout(
-    dir: BorrowedFd,
-    marks: &DirMarks,
-    name: &OsStr,
-    st: &FileStat,
-) -> io::Result<bool> {
+pub fn is_whiteout(dir: &LDir, marks: &DirMarks, name: &OsStr, st: &FileStat) -> io::Result<bool> {
     if is_chardev_whiteout(st) {
         return Ok(true);
     }
     if marks.xattr_whiteouts && file_type(st) == libc::S_IFREG && st.st_size == 0 {
         for x in WHITEOUT_XATTRS {
-            if sys::getxattr_vec(XTarget::At(dir, name), x)?.is_some() {
+            if dir.getxattr(Some(name), x)?.is_some() {
                 return Ok(true);
             }
         }

@@ -7,7 +7,6 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 
 use super::copyup::Data;
@@ -64,7 +63,8 @@ impl Union {
         let stored = stored_name(name.as_bytes()).ok_or_else(|| err(libc::ENODATA))?;
         let node = self.nodes.get(ino)?;
         let (dir, n) = self.parent_in(&node, node.top_layer())?;
-        sys::getxattr_vec(XTarget::At(dir.as_fd(), &n), &stored)?.ok_or_else(|| err(libc::ENODATA))
+        dir.getxattr(Some(&n), &stored)?
+            .ok_or_else(|| err(libc::ENODATA))
     }
 
     /// The NUL-terminated list of names the user may see.
@@ -72,7 +72,7 @@ impl Union {
         self.xattrs_enabled()?;
         let node = self.nodes.get(ino)?;
         let (dir, n) = self.parent_in(&node, node.top_layer())?;
-        let raw = sys::listxattr(XTarget::At(dir.as_fd(), &n))?;
+        let raw = dir.listxattr(Some(&n))?;
         let mut out = Vec::with_capacity(raw.len());
         for name in raw.split(|b| *b == 0).filter(|n| !n.is_empty()) {
             if let Some(shown) = shown_name(name) {
@@ -102,7 +102,7 @@ impl Union {
         }
         self.copy_up(&node, Data::All)?;
         let (dir, n) = self.parent_in(&node, 0)?;
-        sys::setxattr(XTarget::At(dir.as_fd(), &n), &stored, value, flags)
+        sys::setxattr(XTarget::At(dir.fd()?, &n), &stored, value, flags)
     }
 
     pub fn removexattr(&self, ctx: &Ctx, ino: NodeId, name: &OsStr) -> io::Result<()> {
@@ -119,7 +119,7 @@ impl Union {
         self.getxattr(ino, name)?;
         self.copy_up(&node, Data::All)?;
         let (dir, n) = self.parent_in(&node, 0)?;
-        sys::removexattr(XTarget::At(dir.as_fd(), &n), &stored)
+        sys::removexattr(XTarget::At(dir.fd()?, &n), &stored)
     }
 }
 
