@@ -8,7 +8,8 @@
 //!   compression is sniffed from the first bytes).
 //!
 //! The image is `manifest.json`'s entry 0 unless a TAG is given, which must equal one of an
-//! entry's `RepoTags` (a TAG without `:` also matches `TAG:latest`).
+//! entry's `RepoTags` after docker's normalisation (`busybox` matches
+//! `docker.io/library/busybox:latest`, `example/app:v1` matches `docker.io/example/app:v1`).
 //!
 //! Invariants: member names from `manifest.json` are only looked up in the archive's member
 //! table (links followed inside the archive only); a config or layer named
@@ -45,6 +46,28 @@ fn digest_in_name(name: &str) -> Option<Digest> {
     Digest::parse_hex(name.strip_suffix(".json").unwrap_or(name)).ok()
 }
 
+/// A docker reference in its full form, as docker compares them: `busybox` →
+/// `docker.io/library/busybox:latest`, `example/app:v1` → `docker.io/example/app:v1`.
+fn normalise_ref(r: &str) -> String {
+    let (first, rest) = match r.split_once('/') {
+        Some((f, rest)) if f.contains('.') || f.contains(':') || f == "localhost" => {
+            (f.to_string(), rest.to_string())
+        }
+        _ => ("docker.io".to_string(), r.to_string()),
+    };
+    let rest = if first == "docker.io" && !rest.contains('/') {
+        format!("library/{rest}")
+    } else {
+        rest
+    };
+    let last = rest.rsplit('/').next().unwrap_or("");
+    if last.contains(':') || last.contains('@') {
+        format!("{first}/{rest}")
+    } else {
+        format!("{first}/{rest}:latest")
+    }
+}
+
 pub fn resolve(path: &Path, reference: &ImageRef) -> io::Result<ResolvedImage> {
     let ar = Archive::open(path)?;
     let which = path.display().to_string();
@@ -71,12 +94,12 @@ pub fn resolve(path: &Path, reference: &ImageRef) -> io::Result<ResolvedImage> {
             (e, tag)
         }
         ImageRef::Tag(t) => {
-            let with_latest = format!("{t}:latest");
+            let want = normalise_ref(t);
             let hit = entries.iter().find(|e| {
                 e.repo_tags
                     .iter()
                     .flatten()
-                    .any(|r| r == t || (!t.contains(':') && *r == with_latest))
+                    .any(|r| r == t || normalise_ref(r) == want)
             });
             let Some(e) = hit else {
                 let all: Vec<&str> = entries
@@ -163,4 +186,24 @@ pub fn resolve(path: &Path, reference: &ImageRef) -> io::Result<ResolvedImage> {
         config,
         layers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalise_ref;
+
+    #[test]
+    fn docker_references_normalise() {
+        for (a, b) in [
+            ("busybox", "docker.io/library/busybox:latest"),
+            ("busybox:1", "docker.io/library/busybox:1"),
+            ("example/app:v1", "docker.io/example/app:v1"),
+            ("docker.io/example/app:v1", "docker.io/example/app:v1"),
+            ("quay.io/a/b", "quay.io/a/b:latest"),
+            ("localhost:5000/x:2", "localhost:5000/x:2"),
+            ("localhost/x", "localhost/x:latest"),
+        ] {
+            assert_eq!(normalise_ref(a), b, "{a}");
+        }
+    }
 }
