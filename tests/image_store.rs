@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 use unionmount::image::blob::sha256_of;
-use unionmount::image::{self, ImageRef, ImageSource, Platform, ResolvedImage, media};
+use unionmount::image::{self, ImageSource, Platform, ResolvedImage, media};
 use unionmount::store::{Compression, Digest, Store};
 
 // ---------- helpers ----------
@@ -1366,5 +1366,82 @@ fn skopeo_converts_to_docker_and_oci_archives() {
         );
     }
     assert!(store.verify().unwrap().bad.is_empty());
-    let _ = ImageRef::Default;
+}
+
+/// index.json listing per-platform manifests directly (no nested index), no tag given.
+#[test]
+fn oci_top_level_platform_entries_pick_by_platform() {
+    let t = TempDir::new("toplevel");
+    let ma = multi_arch();
+    let mut oci = ma.oci.clone();
+    let iv: Value = serde_json::from_slice(&ma.index).unwrap();
+    oci.index = iv["manifests"].as_array().unwrap().clone();
+    oci.write_dir(t.path());
+    let s = src(format!("oci:{}", t.path().display()));
+    let arm = Platform::parse("linux/arm64/v8").unwrap();
+    let amd = Platform::parse("linux/amd64").unwrap();
+    let got = image::resolve(&s, Some(&arm)).unwrap();
+    assert_eq!(got.manifest_digest(), Some(sha256_of(&ma.arm64)));
+    assert_eq!(got.tag, None);
+    let got = image::resolve(&s, Some(&amd)).unwrap();
+    assert_eq!(got.manifest_digest(), Some(sha256_of(&ma.amd64)));
+    let e = image::resolve(&s, Some(&Platform::parse("linux/arm/v7").unwrap()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("index.json: no manifest for platform linux/arm/v7 (available: linux/amd64, linux/arm64/v8)"),
+        "{e}"
+    );
+    // Imported without a tag, the image is named by its manifest digest.
+    let st = TempDir::new("toplevel-store");
+    let store = Store::open_or_create(st.path()).unwrap();
+    let imp = store
+        .import_resolved(&image::resolve(&s, Some(&amd)).unwrap(), None)
+        .unwrap();
+    assert_eq!(imp.name, sha256_of(&ma.amd64).to_string());
+    assert_tagged(&store, &imp.name, &imp.manifest_digest);
+    let back = store.resolve(&imp.name, None).unwrap();
+    assert_eq!(back.manifest_digest(), Some(imp.manifest_digest));
+}
+
+/// A duplicated legacy layer stored as a hard link to the first layer.tar.
+#[test]
+fn legacy_docker_archive_with_hardlinked_duplicate_layer() {
+    let t = TempDir::new("hardlink");
+    let a = layer_tar(&[("a", b"A")]);
+    let config = config_for(&[sha256_of(&a), sha256_of(&a)]);
+    let cfg_name = format!("{}.json", sha256_of(&config).hex());
+    let path = t.path().join("h.tar");
+    let mut b = tar::Builder::new(fs::File::create(&path).unwrap());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(a.len() as u64);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "one/layer.tar", a.as_slice())
+        .unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    b.append_link(&mut h, "two/layer.tar", "one/layer.tar")
+        .unwrap();
+    for (name, data) in [
+        (cfg_name.clone(), config.clone()),
+        (
+            "manifest.json".to_string(),
+            serde_json::to_vec(
+                &json!([{"Config": cfg_name, "Layers": ["one/layer.tar", "two/layer.tar"]}]),
+            )
+            .unwrap(),
+        ),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, name, data.as_slice()).unwrap();
+    }
+    b.finish().unwrap();
+    let img = image::resolve(&src(format!("docker-archive:{}", path.display())), None).unwrap();
+    assert_eq!(img.tag, None);
+    assert_eq!(img.layers.len(), 2);
+    assert_eq!(read_blob(&img.layers[1].source), a);
+    assert_eq!(img.layers[1].source, img.layers[0].source);
 }

@@ -104,8 +104,6 @@ impl PlatformJson {
 
 #[derive(Deserialize)]
 struct IndexJson {
-    #[serde(rename = "mediaType", default)]
-    media_type: Option<String>,
     #[serde(default)]
     manifests: Vec<Descriptor>,
 }
@@ -345,7 +343,6 @@ fn descend(
         media::OCI_INDEX | media::DOCKER_LIST => {
             let ix: IndexJson = serde_json::from_slice(&bytes)
                 .map_err(|e| invalid(format!("{which}: index {digest}: {e}")))?;
-            let _ = ix.media_type;
             let child =
                 pick_platform(&ix.manifests, platform, &format!("{which}: index {digest}"))?;
             descend(layout, which, child, platform, depth + 1)
