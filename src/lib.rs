@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod fuse;
+pub mod image;
 pub mod layer;
 pub mod options;
 pub mod store;

@@ -3,8 +3,14 @@
 //! from an image.
 
 pub mod digest;
+pub mod gc;
+pub mod import;
+pub mod layout;
 
 pub use digest::{Digest, DigestError};
+pub use gc::{BadBlob, GcReport, LiveObjects, VerifyReport};
+pub use import::{ImportedImage, ImportedLayer};
+pub use layout::{ImageEntry, StagedBlob, Store};
 
 /// How a layer blob is compressed, from its media type (or its magic bytes when the source
 /// has no media types, as in a legacy docker-archive).
