@@ -14,3 +14,7 @@ cargo test --all-targets -- --test-threads="$threads"
 # the name index that is otherwise used only for directories merging 8+ lower layers.
 UNIONMOUNT_TEST_OPTS=passthrough=off UNIONMOUNT_TEST_INDEX_MIN_LOWERS=1 cargo test --test semantics --test differential \
   --test hardlinks --test upper_format -- --test-threads="$threads"
+# And once more with every lower layer served as a virtual layer (an in-memory tree, as image
+# layers from the store are), whiteouts and opaque markers in the OCI dialect.
+UNIONMOUNT_TEST_VIRTUAL_LOWERS=1 cargo test --test semantics --test differential \
+  --test hardlinks --test upper_format --test passthrough -- --test-threads="$threads"

@@ -270,3 +270,9 @@ pub fn raise_nofile() {
         }
     }
 }
+
+/// An all-zero `stat`, to be filled field by field (for entries of virtual layers).
+pub fn zeroed_stat() -> libc::stat {
+    // SAFETY: `stat` is a plain C struct of integers; all-zero bytes are a valid value.
+    unsafe { std::mem::zeroed() }
+}

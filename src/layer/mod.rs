@@ -7,6 +7,7 @@
 //! Directory fds are opened per operation (no fd pinned per inode; lowers are immutable).
 
 pub mod ldir;
+pub mod tree;
 pub mod virt;
 
 use std::ffi::OsStr;

@@ -36,6 +36,10 @@ use crate::options::{IdMap, MountOptions};
 use node::{Found, Node, NodeId, NodeTable};
 use whiteout::{MarkerWriter, oci_name};
 
+/// `st_dev` of virtual layers: far above any real device number (major:minor encode in
+/// 32 bits), one per layer.
+pub const VIRTUAL_DEV_BASE: u64 = 0xf1a7_0000_0000_0000;
+
 pub fn err(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
 }
@@ -114,7 +118,20 @@ impl Union {
         if let Some(u) = &opts.upper {
             layers.push(Layer::open(u).map_err(|e| format!("upperdir {e}"))?);
         }
-        for l in &opts.lowers {
+        // Test hook: serve every lower from an in-memory copy (a virtual layer, as image
+        // layers are), so the whole test suite runs over that path too.
+        let virtual_lowers = std::env::var_os("UNIONMOUNT_TEST_VIRTUAL_LOWERS").is_some();
+        for (i, l) in opts.lowers.iter().enumerate() {
+            if virtual_lowers {
+                let tree = crate::layer::tree::from_dir(l, VIRTUAL_DEV_BASE + i as u64)
+                    .map_err(|e| format!("lowerdir {e}"))?;
+                layers.push(Layer::virtual_layer(
+                    &l.display().to_string(),
+                    l,
+                    Arc::new(tree),
+                )?);
+                continue;
+            }
             layers.push(Layer::open(l).map_err(|e| format!("lowerdir {e}"))?);
         }
         if layers.is_empty() {
