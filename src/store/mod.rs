@@ -3,8 +3,13 @@
 //! from an image.
 
 pub mod digest;
+pub mod gzindex;
+pub mod layerindex;
+pub mod tarindex;
 
 pub use digest::{Digest, DigestError};
+pub use layerindex::{Entry, ErrorKind, IndexError, Kind, LayerIndex, ReadAt};
+pub use tarindex::{LayerSource, Limits, index_layer};
 
 /// How a layer blob is compressed, from its media type (or its magic bytes when the source
 /// has no media types, as in a legacy docker-archive).
