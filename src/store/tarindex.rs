@@ -88,7 +88,7 @@ pub fn index_layer<R: Read>(
     let layer = &src.layer;
     let mut raw = Hashing {
         inner: blob,
-        sha: Sha256::new(),
+        sha: Some(Sha256::new()),
         n: 0,
         progress: Some((progress, src.size)),
     };
@@ -96,7 +96,7 @@ pub fn index_layer<R: Read>(
     // Hash the rest of the blob (trailing bytes, or what a failed parse left) so that a
     // wrong blob is reported as such rather than as whatever broke first.
     let drained = io::copy(&mut raw, &mut io::sink());
-    let blob_digest = Digest::from_bytes(raw.sha.finalize().into());
+    let blob_digest = Digest::from_bytes(raw.sha.take().unwrap_or_default().finalize().into());
     if let Err(e) = drained {
         return Err(IndexError::io(layer, "reading the blob", &e));
     }
@@ -143,7 +143,7 @@ fn parse_stream<R: Read>(
         Compression::None => {
             let mut counted = Hashing {
                 inner: raw,
-                sha: Sha256::new(),
+                sha: None,
                 n: 0,
                 progress: None,
             };
@@ -161,7 +161,7 @@ fn parse_stream<R: Read>(
                 .map_err(|e| IndexError::new(ErrorKind::Compressed, layer, e.to_string()))?;
             let mut diff = Hashing {
                 inner: &mut gz,
-                sha: Sha256::new(),
+                sha: Some(Sha256::new()),
                 n: 0,
                 progress: None,
             };
@@ -171,7 +171,7 @@ fn parse_stream<R: Read>(
                 limits,
             )?;
             let n = drain(&mut diff, layer)?;
-            let d = Digest::from_bytes(diff.sha.finalize().into());
+            let d = Digest::from_bytes(diff.sha.take().unwrap_or_default().finalize().into());
             Ok((b, gz.take_checkpoints(), n, Some(d)))
         }
         Compression::Zstd => {
@@ -179,7 +179,7 @@ fn parse_stream<R: Read>(
                 .map_err(|e| IndexError::new(ErrorKind::Compressed, layer, format!("zstd: {e}")))?;
             let mut diff = Hashing {
                 inner: ZstdErrors(dec),
-                sha: Sha256::new(),
+                sha: Some(Sha256::new()),
                 n: 0,
                 progress: None,
             };
@@ -189,7 +189,7 @@ fn parse_stream<R: Read>(
                 limits,
             )?;
             let n = drain(&mut diff, layer)?;
-            let d = Digest::from_bytes(diff.sha.finalize().into());
+            let d = Digest::from_bytes(diff.sha.take().unwrap_or_default().finalize().into());
             Ok((b, Vec::new(), n, Some(d)))
         }
     }
@@ -220,7 +220,8 @@ type Progress<'p> = &'p mut dyn FnMut(u64, u64);
 /// Hashes and counts what passes through; reports progress.
 struct Hashing<'p, R: Read> {
     inner: R,
-    sha: Sha256,
+    /// None: count only.
+    sha: Option<Sha256>,
     n: u64,
     progress: Option<(Progress<'p>, u64)>,
 }
@@ -228,7 +229,9 @@ struct Hashing<'p, R: Read> {
 impl<R: Read> Read for Hashing<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.sha.update(&buf[..n]);
+        if let Some(sha) = self.sha.as_mut() {
+            sha.update(&buf[..n]);
+        }
         self.n += n as u64;
         if let Some((f, total)) = self.progress.as_mut() {
             f(self.n, *total);
