@@ -4,13 +4,18 @@
 
 pub mod digest;
 pub mod gc;
+pub mod gzindex;
 pub mod import;
+pub mod layerindex;
 pub mod layout;
+pub mod tarindex;
 
 pub use digest::{Digest, DigestError};
 pub use gc::{BadBlob, GcReport, LiveObjects, VerifyReport};
 pub use import::{ImportedImage, ImportedLayer};
+pub use layerindex::{Entry, ErrorKind, IndexError, Kind, LayerIndex, ReadAt};
 pub use layout::{ImageEntry, StagedBlob, Store};
+pub use tarindex::{LayerSource, Limits, index_layer};
 
 /// How a layer blob is compressed, from its media type (or its magic bytes when the source
 /// has no media types, as in a legacy docker-archive).

@@ -1,9 +1,12 @@
 //! The only module with `unsafe`: thin wrappers over system calls that neither std nor nix
-//! expose safely (xattrs on O_PATH objects, fork, umount2, FICLONE, mknod of whiteouts).
+//! expose safely (xattrs on O_PATH objects, fork, umount2, FICLONE, mknod of whiteouts), and
+//! the zlib inflate calls gzip random access needs (`zlib`).
 //!
 //! Invariants: every function returns `io::Result` carrying the raw errno; nothing here
 //! follows a symlink stored in a layer (xattr calls use the `l*` variants on a
 //! `/proc/self/fd/<dirfd>/<name>` path, where `name` is one checked component).
+
+pub mod zlib;
 
 use std::ffi::{CString, OsStr};
 use std::io;
