@@ -61,6 +61,17 @@ struct Args {
     /// Lower layers, top first, separated by ':' (`\:` for a colon in a path)
     #[arg(long, value_name = "TOP:...:BASE")]
     layers: Option<String>,
+    /// Mount a container image: docker-archive:PATH, oci:DIR[:TAG|@DIGEST],
+    /// oci-archive:PATH[:TAG], or the name of an image in the store (read-only without --upper)
+    #[arg(long, value_name = "SOURCE")]
+    image: Option<String>,
+    /// Image store (default: $UNIONMOUNT_STORE, /var/lib/unionmount as root,
+    /// ~/.local/share/unionmount otherwise)
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Platform to pick from a multi-platform image (default: the host's)
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
     /// Writable upper layer (needs --work)
     #[arg(long, value_name = "DIR")]
     upper: Option<PathBuf>,
@@ -84,9 +95,28 @@ struct Args {
     positional: Vec<PathBuf>,
 }
 
+/// An image to mount (below any --layers).
+struct ImagePlan {
+    spec: String,
+    store: PathBuf,
+    platform: Option<crate::image::Platform>,
+}
+
+fn open_image(img: &ImagePlan) -> Result<Vec<crate::layer::Layer>, String> {
+    let store = crate::store::Store::open_or_create(&img.store)
+        .map_err(|e| format!("image store {}: {e}", img.store.display()))?;
+    crate::store::mount::open_image(
+        &store,
+        &img.spec,
+        img.platform.as_ref(),
+        crate::union::VIRTUAL_DEV_BASE + 0x1000,
+    )
+}
+
 /// Everything `main` needs, validated.
 struct Plan {
     opts: MountOptions,
+    image: Option<ImagePlan>,
     mountpoint: PathBuf,
     source: String,
     foreground: bool,
@@ -125,7 +155,26 @@ fn plan(args: Args) -> Result<Plan, String> {
         );
     }
     opts.validate_combination().map_err(|e| e.to_string())?;
-    if opts.lowers.is_empty() && opts.upper.is_none() {
+    let image = match &args.image {
+        None => None,
+        Some(spec) => Some(ImagePlan {
+            spec: spec.clone(),
+            store: match &args.store {
+                Some(s) => s.clone(),
+                None => {
+                    crate::store::Store::default_dir().map_err(|e| format!("image store: {e}"))?
+                }
+            },
+            platform: match &args.platform {
+                Some(p) => Some(crate::image::Platform::parse(p).map_err(|e| e.to_string())?),
+                None => None,
+            },
+        }),
+    };
+    if image.is_none() && (args.store.is_some() || args.platform.is_some()) {
+        return Err("--store and --platform go with --image".into());
+    }
+    if opts.lowers.is_empty() && opts.upper.is_none() && image.is_none() {
         return Err("no layers given: use --layers TOP:...:BASE or -o lowerdir=...".into());
     }
     if opts.xattr_permissions.is_some_and(|x| x != 0) {
@@ -159,6 +208,7 @@ fn plan(args: Args) -> Result<Plan, String> {
     }
     Ok(Plan {
         opts,
+        image,
         mountpoint,
         source,
         foreground: args.foreground || args.debug,
@@ -289,7 +339,17 @@ pub fn main() -> i32 {
     logger.init();
     sys::set_umask(0);
     sys::raise_nofile();
-    let union = match Union::new(&plan.opts) {
+    let mut extra = Vec::new();
+    if let Some(img) = &plan.image {
+        match open_image(img) {
+            Ok(layers) => extra = layers,
+            Err(msg) => {
+                eprintln!("unionmount: {msg}");
+                return 1;
+            }
+        }
+    }
+    let union = match Union::with_lowers(&plan.opts, extra) {
         Ok(u) => u,
         Err(msg) => {
             eprintln!("unionmount: {msg}");

@@ -405,9 +405,14 @@ impl LayerIndex {
 
     /// The entries directly in `dir`, sorted by name: O(log n).
     pub fn children(&self, dir: &[u8]) -> &[Entry] {
+        &self.entries[self.children_range(dir)]
+    }
+
+    /// Positions in `entries()` of the entries directly in `dir`.
+    pub fn children_range(&self, dir: &[u8]) -> std::ops::Range<usize> {
         let start = self.entries.partition_point(|e| e.parent() < dir);
         let len = self.entries[start..].partition_point(|e| e.parent() == dir);
-        &self.entries[start..start + len]
+        start..start + len
     }
 
     /// Hard links sharing this entry's identity (1 for entries outside a link group).

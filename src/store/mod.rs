@@ -6,8 +6,10 @@ pub mod digest;
 pub mod gc;
 pub mod gzindex;
 pub mod import;
+pub mod indexlayer;
 pub mod layerindex;
 pub mod layout;
+pub mod mount;
 pub mod tarindex;
 
 pub use digest::{Digest, DigestError};

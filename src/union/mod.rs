@@ -113,6 +113,11 @@ impl Union {
     /// Opens every layer and prepares the workdir. Errors are one line naming the culprit;
     /// nothing is written before every check has passed.
     pub fn new(opts: &MountOptions) -> Result<Union, String> {
+        Union::with_lowers(opts, Vec::new())
+    }
+
+    /// `new` with `extra` lower layers (top first) below those of `opts` (image layers).
+    pub fn with_lowers(opts: &MountOptions, extra: Vec<Layer>) -> Result<Union, String> {
         let mut layers = Vec::new();
         let has_upper = opts.upper.is_some();
         if let Some(u) = &opts.upper {
@@ -134,6 +139,7 @@ impl Union {
             }
             layers.push(Layer::open(l).map_err(|e| format!("lowerdir {e}"))?);
         }
+        layers.extend(extra);
         if layers.is_empty() {
             return Err("no layers given (need lowerdir=... or --layers)".into());
         }

@@ -1,0 +1,281 @@
+//! `IndexLayer`: an image layer served from its index and blob in the store, as a
+//! `VirtualLayer` of the union. Metadata comes from the index alone; a file's bytes are
+//! read from the blob on its first open, checked against the entry's sha256, and kept in
+//! `objects/` by that digest (shared by every layer and image holding the same content).
+//!
+//! Invariants:
+//! - entry ids: 0 is the root; `1 + i` is `index.entries()[i]`; ids with `WH_BIT` are the
+//!   synthesized `.wh.NAME` marker of whiteout entry `id & !WH_BIT`, ids with `OPQ_BIT` the
+//!   `.wh..wh..opq` marker of opaque directory `id & !OPQ_BIT` (the union reads the OCI
+//!   dialect; the index stores whiteouts and opacity as flags);
+//! - a whiteout entry (`Kind::Whiteout`) is not an object of the layer: its name is absent;
+//! - hard links (one `link_group`) share `st_ino`;
+//! - bytes reach a caller only from `objects/`, and an object is published (rename from
+//!   `tmp/`) only after its sha256 matched; a mismatch or a read error is EIO plus one error
+//!   line naming the layer digest and the path.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use nix::sys::stat::FileStat;
+
+use super::layerindex::{Entry, Kind, LayerIndex};
+use super::{Digest, Store};
+use crate::layer::VirtualLayer;
+use crate::layer::virt::EntryId;
+use crate::union::whiteout::{OPAQUE_MARKER, WH_PREFIX};
+
+const WH_BIT: u64 = 1 << 62;
+const OPQ_BIT: u64 = 1 << 61;
+/// st_ino of hard-link groups, above every entry id.
+const GROUP_BASE: u64 = 1 << 40;
+
+#[derive(Debug)]
+pub struct IndexLayer {
+    index: Arc<LayerIndex>,
+    store: Store,
+    blob: PathBuf,
+    dev: u64,
+    /// The blob, opened on the first fetch.
+    blob_file: Mutex<Option<Arc<File>>>,
+}
+
+fn err(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+impl IndexLayer {
+    pub fn new(index: Arc<LayerIndex>, store: Store, dev: u64) -> IndexLayer {
+        let blob = store.blob_path(&index.layer);
+        IndexLayer {
+            index,
+            store,
+            blob,
+            dev,
+            blob_file: Mutex::new(None),
+        }
+    }
+
+    pub fn digest(&self) -> Digest {
+        self.index.layer
+    }
+
+    fn entry(&self, id: EntryId) -> io::Result<&Entry> {
+        if id == 0 {
+            return Ok(self.index.root());
+        }
+        self.index
+            .entries()
+            .get((id - 1) as usize)
+            .ok_or_else(|| err(libc::ENOENT))
+    }
+
+    fn dir_entry(&self, id: EntryId) -> io::Result<&Entry> {
+        if id & (WH_BIT | OPQ_BIT) != 0 {
+            return Err(err(libc::ENOTDIR));
+        }
+        let e = self.entry(id)?;
+        if e.kind != Kind::Dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        Ok(e)
+    }
+
+    fn ino_of(&self, id: EntryId, e: &Entry) -> u64 {
+        if e.link_group != 0 {
+            GROUP_BASE + u64::from(e.link_group)
+        } else {
+            id + 1
+        }
+    }
+
+    fn blob(&self) -> io::Result<Arc<File>> {
+        let mut g = self.blob_file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = &*g {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(File::open(&self.blob)?);
+        *g = Some(f.clone());
+        Ok(f)
+    }
+
+    /// Fetches, verifies and publishes the content of `e` into `objects/`.
+    fn fetch(&self, e: &Entry, sha: &Digest) -> io::Result<()> {
+        let blob = self.blob().map_err(|x| {
+            log::error!(
+                "layer {}: {}: cannot open the layer blob {}: {x}",
+                self.index.layer,
+                show(&e.path),
+                self.blob.display()
+            );
+            err(libc::EIO)
+        })?;
+        let (tmp, mut f) = self.store.new_tmp()?;
+        let res = self.index.copy_file(e, &*blob, &mut f);
+        let res = match res {
+            Ok(()) => f.sync_data().map_err(|x| x.to_string()),
+            Err(x) => Err(x.to_string()),
+        };
+        drop(f);
+        if let Err(msg) = res {
+            let _ = std::fs::remove_file(&tmp);
+            log::error!("{msg}");
+            return Err(err(libc::EIO));
+        }
+        self.store.publish_tmp(&tmp, &self.store.object_path(sha))
+    }
+}
+
+fn show(path: &[u8]) -> String {
+    format!("{:?}", String::from_utf8_lossy(path))
+}
+
+fn kind_bits(k: Kind) -> u32 {
+    match k {
+        Kind::File | Kind::Whiteout => libc::S_IFREG,
+        Kind::Dir => libc::S_IFDIR,
+        Kind::Symlink => libc::S_IFLNK,
+        Kind::Char => libc::S_IFCHR,
+        Kind::Block => libc::S_IFBLK,
+        Kind::Fifo => libc::S_IFIFO,
+    }
+}
+
+impl VirtualLayer for IndexLayer {
+    fn dev(&self) -> u64 {
+        self.dev
+    }
+
+    fn root(&self) -> EntryId {
+        0
+    }
+
+    fn lookup(&self, dir: EntryId, name: &OsStr) -> io::Result<Option<EntryId>> {
+        let d = self.dir_entry(dir)?;
+        let n = name.as_bytes();
+        if n == OPAQUE_MARKER {
+            return Ok(d.opaque.then_some(dir | OPQ_BIT));
+        }
+        if let Some(target) = n.strip_prefix(WH_PREFIX) {
+            return Ok(self
+                .index
+                .lookup_pos(&d.path, target)
+                .filter(|&i| self.index.entries()[i].kind == Kind::Whiteout)
+                .map(|i| (i as u64 + 1) | WH_BIT));
+        }
+        Ok(self
+            .index
+            .lookup_pos(&d.path, n)
+            .filter(|&i| self.index.entries()[i].kind != Kind::Whiteout)
+            .map(|i| i as u64 + 1))
+    }
+
+    fn stat(&self, id: EntryId) -> io::Result<FileStat> {
+        let mut st = crate::sys::zeroed_stat();
+        st.st_dev = self.dev;
+        st.st_blksize = 4096;
+        if id & (WH_BIT | OPQ_BIT) != 0 {
+            // A marker: an empty root-owned file, as `.wh.` files are in OCI layers.
+            st.st_ino = id;
+            st.st_mode = libc::S_IFREG | 0o600;
+            st.st_nlink = 1;
+            return Ok(st);
+        }
+        let e = self.entry(id)?;
+        st.st_ino = self.ino_of(id, e);
+        st.st_mode = kind_bits(e.kind) | (e.mode & 0o7777);
+        st.st_uid = e.uid;
+        st.st_gid = e.gid;
+        st.st_nlink = match e.kind {
+            Kind::Dir => 2,
+            _ => u64::from(self.index.nlink(e)),
+        };
+        st.st_rdev = libc::makedev(e.dev_major, e.dev_minor);
+        st.st_size = match e.kind {
+            Kind::File | Kind::Symlink => e.size as i64,
+            Kind::Dir => 4096,
+            _ => 0,
+        };
+        st.st_blocks = (st.st_size + 511) / 512;
+        let (s, ns) = (
+            e.mtime_ns.div_euclid(1_000_000_000),
+            e.mtime_ns.rem_euclid(1_000_000_000),
+        );
+        (st.st_mtime, st.st_mtime_nsec) = (s, ns);
+        (st.st_atime, st.st_atime_nsec) = (s, ns);
+        (st.st_ctime, st.st_ctime_nsec) = (s, ns);
+        Ok(st)
+    }
+
+    fn entries(&self, dir: EntryId) -> io::Result<Vec<(OsString, u64, u32)>> {
+        let d = self.dir_entry(dir)?;
+        let mut out = Vec::new();
+        for i in self.index.children_range(&d.path) {
+            let e = &self.index.entries()[i];
+            let id = i as u64 + 1;
+            let name = OsStr::from_bytes(e.name());
+            if e.kind == Kind::Whiteout {
+                let mut n = WH_PREFIX.to_vec();
+                n.extend_from_slice(e.name());
+                out.push((OsString::from_vec(n), id | WH_BIT, libc::S_IFREG));
+            } else {
+                out.push((name.to_os_string(), self.ino_of(id, e), kind_bits(e.kind)));
+            }
+        }
+        if d.opaque {
+            out.push((
+                OsStr::from_bytes(OPAQUE_MARKER).to_os_string(),
+                dir | OPQ_BIT,
+                libc::S_IFREG,
+            ));
+        }
+        Ok(out)
+    }
+
+    fn readlink(&self, id: EntryId) -> io::Result<OsString> {
+        let e = self.entry(id & !(WH_BIT | OPQ_BIT))?;
+        match (&e.link_target, e.kind) {
+            (Some(t), Kind::Symlink) if id & (WH_BIT | OPQ_BIT) == 0 => {
+                Ok(OsStr::from_bytes(t).to_os_string())
+            }
+            _ => Err(err(libc::EINVAL)),
+        }
+    }
+
+    fn xattrs(&self, id: EntryId) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        if id & (WH_BIT | OPQ_BIT) != 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .entry(id)?
+            .xattrs
+            .iter()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect())
+    }
+
+    fn open(&self, id: EntryId) -> io::Result<OwnedFd> {
+        if id & (WH_BIT | OPQ_BIT) != 0 {
+            return Err(err(libc::EINVAL));
+        }
+        let e = self.entry(id)?;
+        let Some(sha) = e.sha256.filter(|_| e.kind == Kind::File) else {
+            return Err(err(libc::EINVAL));
+        };
+        let path = self.store.object_path(&sha);
+        match File::open(&path) {
+            Ok(f) => return Ok(f.into()),
+            Err(x) if x.kind() != io::ErrorKind::NotFound => return Err(x),
+            Err(_) => {}
+        }
+        self.fetch(e, &sha)?;
+        Ok(File::open(&path)?.into())
+    }
+}
+
+use std::os::unix::ffi::OsStringExt;
