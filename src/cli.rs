@@ -24,6 +24,9 @@ Examples:
   unionmount --layers app:base --upper up --work wk /mnt        writable, changes go to ./up
   unionmount -o lowerdir=/l1:/l2,upperdir=/u,workdir=/w /mnt    fuse-overlayfs form
   mount -t fuse.unionmount unionmount /mnt -o lowerdir=/l1,upperdir=/u,workdir=/w
+  unionmount --image oci:/images/app:latest --upper up --work wk /mnt   a container image
+  unionmount image import docker-archive:app.tar --name app     import into the store
+  unionmount image ls | rm NAME | gc | verify                   manage the store
   fusermount3 -u /mnt    (or umount /mnt as root)               unmount
 
 Layer order is overlayfs order: the leftmost layer is the top. Options: lowerdir, upperdir,
@@ -218,7 +221,7 @@ fn plan(args: Args) -> Result<Plan, String> {
 }
 
 /// clap's message on one line: the error and the arguments it names, without usage hints.
-fn clap_one_line(text: &str) -> String {
+pub(crate) fn clap_one_line(text: &str) -> String {
     let mut parts = Vec::new();
     for line in text.lines() {
         let l = line.trim();
@@ -291,6 +294,19 @@ fn fuse_config(p: &Plan, root: bool) -> fuser::Config {
 }
 
 pub fn main() -> i32 {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    // `image` followed by a subcommand; `unionmount image /mnt -o ...` (mount(8) with the
+    // source named "image") still mounts.
+    let image_cmd = [
+        "import", "ls", "rm", "gc", "verify", "help", "--help", "-h", "--store",
+    ];
+    if argv.get(1).is_some_and(|a| a == "image")
+        && (argv.len() <= 3 || image_cmd.iter().any(|c| argv[2] == *c))
+    {
+        let mut sub = vec![OsString::from("unionmount image")];
+        sub.extend(argv.into_iter().skip(2));
+        return crate::imagecmd::main(sub);
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {

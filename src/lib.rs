@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod fuse;
 pub mod image;
+pub mod imagecmd;
 pub mod layer;
 pub mod options;
 pub mod store;
