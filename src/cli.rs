@@ -296,12 +296,14 @@ fn fuse_config(p: &Plan, root: bool) -> fuser::Config {
 pub fn main() -> i32 {
     let argv: Vec<OsString> = std::env::args_os().collect();
     // `image` followed by a subcommand; `unionmount image /mnt -o ...` (mount(8) with the
-    // source named "image") still mounts.
+    // source named "image", then an existing mountpoint) still mounts.
     let image_cmd = [
         "import", "ls", "rm", "gc", "verify", "help", "--help", "-h", "--store",
     ];
     if argv.get(1).is_some_and(|a| a == "image")
-        && (argv.len() <= 3 || image_cmd.iter().any(|c| argv[2] == *c))
+        && argv
+            .get(2)
+            .is_none_or(|a| image_cmd.iter().any(|c| a == *c) || !std::path::Path::new(a).is_dir())
     {
         let mut sub = vec![OsString::from("unionmount image")];
         sub.extend(argv.into_iter().skip(2));

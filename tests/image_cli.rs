@@ -1,0 +1,319 @@
+//! `unionmount image ...` from the command line: what a user sees on stdout and stderr, the
+//! exit codes, and what the store holds afterwards. The image is generated here (two layers,
+//! gzip and plain tar, in an OCI layout).
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest as _, Sha256};
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("um-imgcli-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn sha(b: &[u8]) -> String {
+    let d: [u8; 32] = Sha256::digest(b).into();
+    d.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn layer(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn put(dir: &Path, bytes: &[u8]) -> (String, usize) {
+    let h = sha(bytes);
+    fs::write(dir.join("blobs/sha256").join(&h), bytes).unwrap();
+    (format!("sha256:{h}"), bytes.len())
+}
+
+/// An OCI layout at `dir` tagged `tag`: base layer gzip, top layer plain tar.
+fn make_image(dir: &Path, tag: &str) -> String {
+    fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    let base = layer(&[("etc/greeting", b"hello\n"), ("bin/tool", b"#!/bin/sh\n")]);
+    let top = layer(&[("etc/greeting", b"bonjour\n"), ("app/data", &[7u8; 5000])]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&base).unwrap();
+    let base_gz = gz.finish().unwrap();
+    let (bd, bn) = put(dir, &base_gz);
+    let (td, tn) = put(dir, &top);
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["sha256:{}","sha256:{}"]}}}}"#,
+        sha(&base),
+        sha(&top)
+    );
+    let (cd, cn) = put(dir, config.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{cn}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{bd}","size":{bn}}},{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{td}","size":{tn}}}]}}"#
+    );
+    let (md, mn) = put(dir, manifest.as_bytes());
+    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    fs::write(
+        dir.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{md}","size":{mn},"annotations":{{"org.opencontainers.image.ref.name":"{tag}"}}}}]}}"#
+        ),
+    )
+    .unwrap();
+    md
+}
+
+fn image(store: &Path, args: &[&str]) -> Output {
+    Command::new(common::unionmount_bin())
+        .arg("image")
+        .args(args)
+        .arg("--store")
+        .arg(store)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn files_under(p: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![p.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path.strip_prefix(p).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn import_list_verify_remove_gc() {
+    let t = TempDir::new("life");
+    let (src, store) = (t.0.join("img"), t.0.join("store"));
+    let manifest = make_image(&src, "v1");
+
+    let o = image(
+        &store,
+        &[
+            "import",
+            &format!("oci:{}:v1", src.display()),
+            "--name",
+            "demo",
+        ],
+    );
+    assert!(o.status.success(), "import failed: {}", stderr(&o));
+    assert_eq!(stdout(&o), format!("demo {manifest}\n"));
+    // Every blob of the image is in the store, and each layer has its cached index.
+    let blobs = files_under(&store.join("blobs"));
+    assert_eq!(blobs.len(), 4, "{blobs:?}");
+    assert_eq!(files_under(&store.join("index")).len(), 2);
+
+    let o = image(&store, &["ls"]);
+    assert!(o.status.success());
+    let line = stdout(&o);
+    let cols: Vec<&str> = line.trim_end().split('\t').collect();
+    assert_eq!(cols[..2], ["demo", manifest.as_str()], "{line}");
+
+    let o = image(&store, &["verify"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "checked 4 blobs and file contents\n");
+
+    // A flipped byte in a stored blob is found and named.
+    let victim = store.join("blobs").join(&blobs[0]);
+    let mut bytes = fs::read(&victim).unwrap();
+    let keep = bytes.clone();
+    bytes[0] ^= 0x40;
+    fs::write(&victim, &bytes).unwrap();
+    let o = image(&store, &["verify"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).starts_with(&format!("BAD {}: expected sha256:", victim.display())),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(
+        stderr(&o),
+        "unionmount image: 1 corrupt blob(s) or file content(s)\n"
+    );
+    fs::write(&victim, &keep).unwrap();
+
+    // Untag, then gc removes everything the image held.
+    let o = image(&store, &["rm", "demo"]);
+    assert!(o.status.success());
+    assert_eq!(stdout(&o), format!("untagged demo {manifest}\n"));
+    let o = image(&store, &["rm", "demo"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no image named \"demo\""),
+        "{}",
+        stderr(&o)
+    );
+    let o = image(&store, &["gc"]);
+    assert!(o.status.success());
+    assert!(
+        stdout(&o).starts_with("removed 4 blobs, 2 indexes, 0 file contents"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(files_under(&store.join("blobs")).is_empty());
+    assert!(files_under(&store.join("index")).is_empty());
+    assert_eq!(stdout(&image(&store, &["ls"])), "");
+}
+
+#[test]
+fn gc_keeps_the_file_contents_of_live_images() {
+    if !common::mount_allowed() {
+        return;
+    }
+    let t = TempDir::new("gc");
+    let (src, store, mnt) = (t.0.join("img"), t.0.join("store"), t.0.join("mnt"));
+    fs::create_dir_all(&mnt).unwrap();
+    make_image(&src, "v1");
+    make_image(&t.0.join("img2"), "v2");
+    let o = image(&store, &["import", &format!("oci:{}:v1", src.display())]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = Command::new(common::unionmount_bin())
+        .args(["--image", "v1", "--store"])
+        .arg(&store)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mount: {}", stderr(&o));
+    let guard = common::MountGuard::adopt(&mnt);
+    let m = mnt.clone();
+    let (g, d) = common::with_timeout(10, move || {
+        (
+            fs::read(m.join("etc/greeting")).unwrap(),
+            fs::read(m.join("app/data")).unwrap(),
+        )
+    });
+    assert_eq!(g, b"bonjour\n");
+    assert_eq!(d, vec![7u8; 5000]);
+    guard.unmount().unwrap();
+    let objects = files_under(&store.join("objects"));
+    assert_eq!(
+        objects,
+        [
+            format!(
+                "sha256/{}/{}",
+                &sha(b"bonjour\n")[..2],
+                &sha(b"bonjour\n")[2..]
+            ),
+            format!(
+                "sha256/{}/{}",
+                &sha(&[7u8; 5000])[..2],
+                &sha(&[7u8; 5000])[2..]
+            ),
+        ]
+        .into_iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect::<Vec<_>>()
+    );
+    // The image is tagged: gc keeps its blobs, indexes and file contents.
+    let o = image(&store, &["gc"]);
+    assert!(o.status.success());
+    assert!(
+        stdout(&o).starts_with("removed 0 blobs, 0 indexes, 0 file contents"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(files_under(&store.join("objects")), objects);
+    // Untagged: the contents go too.
+    assert!(image(&store, &["rm", "v1"]).status.success());
+    let o = image(&store, &["gc"]);
+    assert!(
+        stdout(&o).starts_with("removed 4 blobs, 2 indexes, 2 file contents"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(files_under(&store.join("objects")).is_empty());
+}
+
+#[test]
+fn bad_usage_is_one_line() {
+    let t = TempDir::new("bad");
+    let store = t.0.join("store");
+    let o = image(&store, &["import", "nope:x"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o),
+        "unionmount image: image source \"nope:x\": unknown transport \"nope\" (expected docker-archive, oci or oci-archive)\n"
+    );
+    let o = image(&store, &["import", "oci:/nonexistent/dir"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("/nonexistent/dir"), "{}", stderr(&o));
+    let o = image(&store, &["frobnicate"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        stderr(&o),
+        "unionmount image: unrecognized subcommand 'frobnicate'\n"
+    );
+    // Nothing but the empty layout was written.
+    assert!(files_under(&store.join("blobs")).is_empty());
+}
+
+#[test]
+fn a_mount_whose_source_is_named_image_still_mounts() {
+    if !common::mount_allowed() {
+        return;
+    }
+    let t = TempDir::new("src");
+    let (low, mnt) = (t.0.join("low"), t.0.join("mnt"));
+    fs::create_dir_all(&low).unwrap();
+    fs::create_dir_all(&mnt).unwrap();
+    fs::write(low.join("f"), b"x").unwrap();
+    let o = Command::new(common::unionmount_bin())
+        .arg("image")
+        .arg(&mnt)
+        .arg("-o")
+        .arg(format!("lowerdir={}", low.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let guard = common::MountGuard::adopt(&mnt);
+    let m = mnt.clone();
+    assert_eq!(
+        common::with_timeout(10, move || fs::read(m.join("f")).unwrap()),
+        b"x"
+    );
+    assert_eq!(
+        common::mount_entry(&mnt).map(|e| e.0),
+        Some("image".to_string())
+    );
+    guard.unmount().unwrap();
+}
