@@ -41,6 +41,7 @@ DEBIAN_MIRROR = os.environ.get("UNIONMOUNT_BENCH_MIRROR", "http://deb.debian.org
 
 # Bump a component's version when its recipe changes; dependents rebuild too.
 RECIPE = {
+    "image": "1",       # docker-archives (gzip and plain) of base + python3 + app layers
     "base": "1",        # debootstrap minbase + big/1gib.bin
     "python": "1",      # usr/local/lib/python3.11 without __pycache__
     "mods": "1",        # overrides / whiteouts / opaque dirs
@@ -49,7 +50,7 @@ RECIPE = {
     "small": "1",       # 500 small layers
     "bigdir": "1",      # 100k-entry merged directory (two layers)
 }
-DEPS = {"mods": ["base", "python"], "native": ["base", "python", "mods"]}
+DEPS = {"mods": ["base", "python"], "native": ["base", "python", "mods"], "image": ["base"]}
 
 PY_REL = "usr/local/lib/python3.11"
 BIG_REL = "big/1gib.bin"
@@ -514,9 +515,73 @@ def build_bigdir():
         os.rename(tmp, dst)
 
 
+def build_image():
+    """Three layers as tarballs and two docker-archives of them (legacy shape: manifest.json,
+    <id>/layer.tar, config with rootfs.diff_ids): the Debian minbase layer (without the 1 GiB
+    file), a layer adding the host's python3 with its standard library, and an app layer that
+    deletes usr/share/doc and usr/share/man with `.wh.` entries. One archive has gzip layer
+    blobs, the other plain tar."""
+    import hashlib, tarfile
+    dst, tmp = P("image"), P("image.tmp")
+    rmtree(tmp)
+    os.makedirs(tmp)
+    py = os.path.join(tmp, "py")
+    os.makedirs(os.path.join(py, "usr/bin"))
+    os.makedirs(os.path.join(py, "usr/lib"))
+    real = os.path.realpath("/usr/bin/python3")
+    sh(["cp", "-a", real, os.path.join(py, "usr/bin/")])
+    os.symlink(os.path.basename(real), os.path.join(py, "usr/bin/python3"))
+    ver = os.path.basename(real)  # python3.11
+    sh(["cp", "-a", "/usr/lib/" + ver, os.path.join(py, "usr/lib/")])
+    sh("find %s -name __pycache__ -prune -exec rm -rf {} +" % py)
+    app = os.path.join(tmp, "app")
+    os.makedirs(os.path.join(app, "app"))
+    os.makedirs(os.path.join(app, "usr/share"))
+    with open(os.path.join(app, "app/main.py"), "w") as f:
+        f.write("print('hello from the app')\n")
+    for n in ("doc", "man"):
+        open(os.path.join(app, "usr/share/.wh." + n), "w").close()
+    layers = [("base", P("layers", "base"), ["--exclude=./big"]), ("python", py, []),
+              ("app", app, [])]
+    diff_ids, plain, gz = [], [], []
+    for name, d, extra in layers:
+        t = os.path.join(tmp, name + ".tar")
+        sh(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", d, "-cf", t]
+           + extra + ["."])
+        h = hashlib.sha256()
+        with open(t, "rb") as f:
+            for b in iter(lambda: f.read(1 << 20), b""):
+                h.update(b)
+        diff_ids.append("sha256:" + h.hexdigest())
+        sh("gzip -6 -n -c %s > %s.gz" % (t, t))
+        plain.append(t)
+        gz.append(t + ".gz")
+    cfg = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/usr/bin/python3"]},
+                      "rootfs": {"type": "layers", "diff_ids": diff_ids},
+                      "history": [{"created_by": "bench: %s layer" % n} for n, _, _ in layers]})
+    cfg_name = hashlib.sha256(cfg.encode()).hexdigest() + ".json"
+    for kind, files in (("gzip", gz), ("plain", plain)):
+        out = os.path.join(tmp, "image-%s.tar" % kind)
+        with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tf:
+            names = []
+            for i, fpath in enumerate(files):
+                arc = "%d/layer.tar" % i
+                tf.add(fpath, arcname=arc)
+                names.append(arc)
+            for name, data in ((cfg_name, cfg.encode()), ("manifest.json", json.dumps(
+                    [{"Config": cfg_name, "RepoTags": ["bench:latest"], "Layers": names}]).encode())):
+                ti = tarfile.TarInfo(name)
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    for n in ("py", "app"):
+        rmtree(os.path.join(tmp, n))
+    rmtree(dst)
+    os.rename(tmp, dst)
+
+
 BUILDERS = [("base", build_base), ("python", build_python), ("mods", build_mods),
             ("native", build_native), ("tarball", build_tarball), ("small", build_small),
-            ("bigdir", build_bigdir)]
+            ("bigdir", build_bigdir), ("image", build_image)]
 
 
 def build_dataset():
@@ -762,6 +827,15 @@ ROWS += [
     ("list100k", "list 100k-entry dir (find -printf, 2 layers)", "s", None, None),
     ("rss_walk", "daemon peak RSS after full walk (VmHWM)", "MiB", "abs", 64.0),
     ("rss_100k", "daemon peak RSS after 100k-entry dir (VmHWM)", "MiB", "abs", 128.0),
+    ("img_first_gz", "image, gzip docker-archive, nothing cached: mount to first byte of "
+     "python3 (native: gzip -d of its layers)", "s", "native", 1.0),
+    ("img_first_tar", "same, against extracting it (native: tar -xzf of every layer)", "s",
+     "native", 0.5),
+    ("img_second_ready", "image, second mount (index cached): ready", "ms", "abs", 100.0),
+    ("img_second_read", "image, second mount: first read of python3", "ms", "abs", 10.0),
+    ("img_plain_ready", "image, uncompressed docker-archive, nothing cached: ready", "ms",
+     "abs", 300.0),
+    ("img_readall", "image: read every file (native: an extracted copy)", "s", "native", 1.5),
 ]
 ROW_BY_KEY = {r[0]: r for r in ROWS}
 GROUP_ROWS = {
@@ -771,6 +845,8 @@ GROUP_ROWS = {
     "delete": ["delete"], "compileall": ["compileall"],
     "layers": [k for k in ROW_BY_KEY if k.startswith("stat_")] + ["mount_500"],
     "bigdir": ["list100k", "rss_100k"],
+    "image": ["img_first_gz", "img_first_tar", "img_second_ready", "img_second_read",
+              "img_plain_ready", "img_readall"],
 }
 
 
@@ -1056,6 +1132,71 @@ class Bench:
                 if m is not None:
                     m.__exit__(None, None, None)
 
+    def w_image(self, d):
+        """Container images (issue 4): only unionmount mounts them; the native column holds
+        the baselines (gzip -d, tar -x, reading an extracted copy). Input files are warm in
+        the page cache for every measurement alike."""
+        if d not in ("native", "unionmount"):
+            return
+        img = P("image")
+        layers = [os.path.join(img, n) for n in ("base.tar", "python.tar", "app.tar")]
+        self.warm_paths(["image-gzip.tar", "image-plain.tar"] +
+                        [os.path.basename(x) + ".gz" for x in layers] +
+                        [os.path.basename(x) for x in layers], [img])
+        mnt = P("run", "mnt")
+        os.makedirs(mnt, exist_ok=True)
+        if d == "native":
+            dt, _ = self.timed("for f in %s; do gzip -dc $f.gz > /dev/null; done"
+                               % " ".join(layers), "/")
+            self.record("img_first_gz", d, dt)
+            ex = P("run", "extracted")
+            discard(ex)
+            os.makedirs(ex)
+            dt, _ = self.timed("for f in %s; do tar --numeric-owner -xpzf $f.gz; done"
+                               % " ".join(layers), ex)
+            # the app layer's .wh. entries mean deletions: apply them untimed
+            sh("rm -rf usr/share/doc usr/share/man usr/share/.wh.doc usr/share/.wh.man", cwd=ex)
+            self.record("img_first_tar", d, dt)
+            sh("sync")
+            dt, out = self.timed("tar -cf - . | wc -c", ex)
+            self.record("img_readall", d, dt)
+            discard(ex)
+            return
+        store = P("run", "store")
+        bin_ = self.unionmount
+
+        def mount(src):
+            t0 = time.perf_counter()
+            sh([bin_, "--image", src, "--store", store, mnt])
+            return time.perf_counter() - t0
+
+        def first_byte():
+            t0 = time.perf_counter()
+            with open(os.path.join(mnt, "usr/bin/python3"), "rb") as f:
+                f.read(1)
+            return time.perf_counter() - t0
+
+        discard(store)
+        try:
+            t = mount("docker-archive:" + os.path.join(img, "image-gzip.tar"))
+            t += first_byte()
+            self.record("img_first_gz", d, t)
+            self.record("img_first_tar", d, t)
+            umount(mnt)
+            t = mount("bench:latest")
+            self.record("img_second_ready", d, t * 1000)
+            self.record("img_second_read", d, first_byte() * 1000)
+            dt, out = self.timed("tar -cf - . | wc -c", mnt)
+            self.record("img_readall", d, dt)
+            umount(mnt)
+            discard(store)
+            t = mount("docker-archive:" + os.path.join(img, "image-plain.tar"))
+            self.record("img_plain_ready", d, t * 1000)
+        finally:
+            if is_mounted(mnt):
+                umount(mnt)
+            discard(store)
+
     def w_bigdir(self, d):
         if d == "native":
             return
@@ -1096,6 +1237,7 @@ class Bench:
             ("compileall", lambda d: self.w_compileall(d, wl)),
             ("layers", lambda d: self.w_layers(d, sets)),
             ("bigdir", lambda d: self.w_bigdir(d)),
+            ("image", lambda d: self.w_image(d)),
         ]
         if a.quick:
             groups = [g for g in groups if g[0] != "bigdir"]
@@ -1187,6 +1329,9 @@ class Bench:
             elif kind == "self":
                 tstr = "um 500/1 ≤ %gx" % tv
                 got = um
+            elif kind == "native":
+                tstr = "um/native ≤ %g" % tv
+                got = None if um is None or not vals.get("native") else um / vals["native"]
             else:
                 tstr, got = "", None
             if kind is None:
@@ -1252,7 +1397,7 @@ def main():
                     "(~3.5 minutes)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--only", default="", help="comma-separated workload groups: mount,walk,"
-                    "readall,seqread,randread,copyup,create,delete,compileall,layers,bigdir")
+                    "readall,seqread,randread,copyup,create,delete,compileall,layers,bigdir,image")
     ap.add_argument("--drivers", default=None, help="comma-separated, default all four "
                     "(--quick: native,kernel,unionmount)")
     ap.add_argument("--build-only", action="store_true", help="build the dataset and stop")

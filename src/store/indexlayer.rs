@@ -11,8 +11,9 @@
 //! - a whiteout entry (`Kind::Whiteout`) is not an object of the layer: its name is absent;
 //! - hard links (one `link_group`) share `st_ino`;
 //! - bytes reach a caller only from `objects/`, and an object is published (rename from
-//!   `tmp/`) only after its sha256 matched; a mismatch or a read error is EIO plus one error
-//!   line naming the layer digest and the path.
+//!   `tmp/`, no fsync: it is a cache) only after its sha256 matched, and rehashed the first
+//!   time a daemon opens it; a mismatch or a read error is EIO plus one error line naming the
+//!   layer digest and the path.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -24,7 +25,12 @@ use std::sync::{Arc, Mutex};
 
 use nix::sys::stat::FileStat;
 
+use std::io::Write;
+
+use sha2::{Digest as _, Sha256};
+
 use super::layerindex::{Entry, Kind, LayerIndex};
+use super::spans::SpanReader;
 use super::{Digest, Store};
 use crate::layer::VirtualLayer;
 use crate::layer::virt::EntryId;
@@ -41,8 +47,26 @@ pub struct IndexLayer {
     store: Store,
     blob: PathBuf,
     dev: u64,
-    /// The blob, opened on the first fetch.
-    blob_file: Mutex<Option<Arc<File>>>,
+    /// The blob's uncompressed stream, opened on the first fetch.
+    spans: Mutex<Option<Arc<SpanReader>>>,
+    /// Objects whose bytes were hashed (or written) by this daemon and matched.
+    verified: Arc<Verified>,
+}
+
+/// Digests of the objects in `objects/` this daemon has checked, shared by the layers of a
+/// mount: objects are published without fsync (they are a cache), so an object is rehashed
+/// the first time this daemon opens it, and a bad one is deleted and fetched again.
+#[derive(Debug, Default)]
+pub struct Verified(Mutex<std::collections::HashSet<Digest>>);
+
+impl Verified {
+    fn has(&self, d: &Digest) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).contains(d)
+    }
+
+    fn add(&self, d: Digest) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(d);
+    }
 }
 
 fn err(code: i32) -> io::Error {
@@ -50,14 +74,20 @@ fn err(code: i32) -> io::Error {
 }
 
 impl IndexLayer {
-    pub fn new(index: Arc<LayerIndex>, store: Store, dev: u64) -> IndexLayer {
+    pub fn new(
+        index: Arc<LayerIndex>,
+        store: Store,
+        dev: u64,
+        verified: Arc<Verified>,
+    ) -> IndexLayer {
         let blob = store.blob_path(&index.layer);
         IndexLayer {
             index,
             store,
             blob,
             dev,
-            blob_file: Mutex::new(None),
+            spans: Mutex::new(None),
+            verified,
         }
     }
 
@@ -94,40 +124,90 @@ impl IndexLayer {
         }
     }
 
-    fn blob(&self) -> io::Result<Arc<File>> {
-        let mut g = self.blob_file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = &*g {
-            return Ok(f.clone());
+    fn spans(&self) -> io::Result<Arc<SpanReader>> {
+        let mut g = self.spans.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = &*g {
+            return Ok(r.clone());
         }
-        let f = Arc::new(File::open(&self.blob)?);
-        *g = Some(f.clone());
-        Ok(f)
+        let r = Arc::new(SpanReader::new(self.index.clone(), File::open(&self.blob)?));
+        *g = Some(r.clone());
+        Ok(r)
     }
 
-    /// Fetches, verifies and publishes the content of `e` into `objects/`.
+    /// Fetches the content of `e` from the blob into `objects/`, publishing it only when
+    /// its sha256 matches.
     fn fetch(&self, e: &Entry, sha: &Digest) -> io::Result<()> {
-        let blob = self.blob().map_err(|x| {
-            log::error!(
-                "layer {}: {}: cannot open the layer blob {}: {x}",
-                self.index.layer,
-                show(&e.path),
-                self.blob.display()
-            );
+        let fail = |what: String| {
+            log::error!("layer {}: {}: {what}", self.index.layer, show(&e.path));
             err(libc::EIO)
-        })?;
-        let (tmp, mut f) = self.store.new_tmp()?;
-        let res = self.index.copy_file(e, &*blob, &mut f);
-        let res = match res {
-            Ok(()) => f.sync_data().map_err(|x| x.to_string()),
-            Err(x) => Err(x.to_string()),
         };
-        drop(f);
-        if let Err(msg) = res {
+        let spans = self.spans().map_err(|x| {
+            fail(format!(
+                "cannot open the layer blob {}: {x}",
+                self.blob.display()
+            ))
+        })?;
+        let (tmp, f) = self.store.new_tmp()?;
+        let mut w = std::io::BufWriter::with_capacity(256 * 1024, f);
+        let mut h = Sha256::new();
+        let res = spans.read_range(e.offset, e.size, &mut |b: &[u8]| {
+            h.update(b);
+            w.write_all(b)
+        });
+        let res = res.and_then(|()| w.flush());
+        drop(w);
+        if let Err(x) = res {
             let _ = std::fs::remove_file(&tmp);
-            log::error!("{msg}");
-            return Err(err(libc::EIO));
+            return Err(fail(format!("reading the content: {x}")));
         }
-        self.store.publish_tmp(&tmp, &self.store.object_path(sha))
+        let got = Digest::from_bytes(h.finalize().into());
+        if got != *sha {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(fail(format!(
+                "content does not match its sha256 (expected {sha}, read {got}); not served"
+            )));
+        }
+        let dest = self.store.object_path(sha);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::rename(&tmp, &dest)?;
+        self.verified.add(*sha);
+        Ok(())
+    }
+
+    /// Opens object `sha`, rehashing it first unless this daemon already did.
+    fn open_object(&self, sha: &Digest) -> io::Result<Option<File>> {
+        let path = self.store.object_path(sha);
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(x) if x.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(x) => return Err(x),
+        };
+        if self.verified.has(sha) {
+            return Ok(Some(f));
+        }
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut r = &f;
+        loop {
+            let n = std::io::Read::read(&mut r, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        if Digest::from_bytes(h.finalize().into()) == *sha {
+            self.verified.add(*sha);
+            // A fresh open: the hashing moved this one's offset to the end.
+            return Ok(Some(File::open(&path)?));
+        }
+        log::warn!(
+            "object {}: content does not match; fetching it again",
+            path.display()
+        );
+        let _ = std::fs::remove_file(&path);
+        Ok(None)
     }
 }
 
@@ -267,14 +347,11 @@ impl VirtualLayer for IndexLayer {
         let Some(sha) = e.sha256.filter(|_| e.kind == Kind::File) else {
             return Err(err(libc::EINVAL));
         };
-        let path = self.store.object_path(&sha);
-        match File::open(&path) {
-            Ok(f) => return Ok(f.into()),
-            Err(x) if x.kind() != io::ErrorKind::NotFound => return Err(x),
-            Err(_) => {}
+        if let Some(f) = self.open_object(&sha)? {
+            return Ok(f.into());
         }
         self.fetch(e, &sha)?;
-        Ok(File::open(&path)?.into())
+        Ok(File::open(self.store.object_path(&sha))?.into())
     }
 }
 

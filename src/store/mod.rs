@@ -10,6 +10,7 @@ pub mod indexlayer;
 pub mod layerindex;
 pub mod layout;
 pub mod mount;
+pub mod spans;
 pub mod tarindex;
 
 pub use digest::{Digest, DigestError};

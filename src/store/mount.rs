@@ -113,10 +113,16 @@ pub fn open_image(
     dev_base: u64,
 ) -> Result<Vec<Layer>, String> {
     let layers = image_layers(store, spec, platform)?;
+    let verified = Arc::new(super::indexlayer::Verified::default());
     let mut out = Vec::with_capacity(layers.len());
     for (i, l) in layers.iter().enumerate().rev() {
         let ix = layer_index(store, l)?;
-        let v = IndexLayer::new(Arc::new(ix), store.clone(), dev_base + i as u64);
+        let v = IndexLayer::new(
+            Arc::new(ix),
+            store.clone(),
+            dev_base + i as u64,
+            verified.clone(),
+        );
         out.push(Layer::virtual_layer(
             &format!("layer {}", l.digest),
             store.root(),
