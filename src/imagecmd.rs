@@ -42,6 +42,21 @@ enum Cmd {
     Gc,
     /// Rehash every blob and file content; exit 1 if any is wrong
     Verify,
+    /// Store an upper directory as a new layer on top of the image it was mounted over
+    Commit {
+        /// The image the upper was mounted over (a name in the store)
+        #[arg(long, value_name = "IMAGE")]
+        from: String,
+        /// The upper directory of that mount (unmount first)
+        #[arg(long, value_name = "DIR")]
+        upper: PathBuf,
+        /// Name of the new image
+        #[arg(long)]
+        name: String,
+        /// History comment
+        #[arg(long, short = 'm')]
+        message: Option<String>,
+    },
 }
 
 pub fn main(args: Vec<std::ffi::OsString>) -> i32 {
@@ -134,6 +149,18 @@ fn run(a: ImageArgs) -> Result<(), String> {
                 r.removed_objects.len(),
                 r.removed_tmp,
                 r.freed_bytes
+            );
+        }
+        Cmd::Commit {
+            from,
+            upper,
+            name,
+            message,
+        } => {
+            let c = crate::commit::commit(&store, &from, &upper, &name, message.as_deref())?;
+            println!(
+                "{} {} layer {} ({} entries)",
+                c.name, c.manifest, c.layer, c.entries
             );
         }
         Cmd::Verify => {

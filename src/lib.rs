@@ -2,6 +2,7 @@
 //! images. Data flows one way: CLI → options → layers → union → FUSE adapter.
 
 pub mod cli;
+pub mod commit;
 pub mod fuse;
 pub mod image;
 pub mod imagecmd;

@@ -3,6 +3,8 @@
 //! gzip and plain tar, in an OCI layout).
 
 mod common;
+#[path = "common/tree.rs"]
+mod tree;
 
 use std::fs;
 use std::io::Write;
@@ -316,4 +318,175 @@ fn a_mount_whose_source_is_named_image_still_mounts() {
         Some("image".to_string())
     );
     guard.unmount().unwrap();
+}
+
+fn unionmount(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(common::unionmount_bin())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn snap(root: &Path) -> tree::Snapshot {
+    let r = root.to_path_buf();
+    common::with_timeout(30, move || {
+        tree::snapshot(&r, tree::View::Merged)
+            .unwrap_or_else(|e| panic!("snapshot {}: {e}", r.display()))
+    })
+}
+
+/// Commit: the container's changes become a new image that mounts to the same tree, and
+/// that skopeo converts and umoci unpacks to that tree too.
+#[test]
+fn commit_mounts_back_to_what_the_container_saw() {
+    if !common::mount_allowed() {
+        return;
+    }
+    let t = TempDir::new("commit");
+    let p = |n: &str| t.0.join(n);
+    for d in ["u", "w", "m", "m2"] {
+        fs::create_dir_all(p(d)).unwrap();
+    }
+    let store = p("store");
+    make_image(&p("img"), "v1");
+    let o = image(
+        &store,
+        &["import", &format!("oci:{}:v1", p("img").display())],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = unionmount(&[
+        "--image".as_ref(),
+        "v1".as_ref(),
+        "--store".as_ref(),
+        store.as_os_str(),
+        "--upper".as_ref(),
+        p("u").as_os_str(),
+        "--work".as_ref(),
+        p("w").as_os_str(),
+        p("m").as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let guard = common::MountGuard::adopt(&p("m"));
+    let m = p("m");
+    let before = common::with_timeout(30, move || {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        fs::write(m.join("new"), b"new file\n").unwrap();
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(m.join("etc/greeting"))
+            .unwrap();
+        f.write_all(b"and more\n").unwrap();
+        fs::remove_file(m.join("bin/tool")).unwrap(); // a lower file: whiteout
+        fs::remove_dir_all(m.join("app")).unwrap(); // a lower dir...
+        fs::create_dir(m.join("app")).unwrap(); // ...made again: opaque
+        fs::write(m.join("app/fresh"), b"x").unwrap();
+        fs::create_dir_all(m.join("deep/er")).unwrap();
+        symlink("../new", m.join("deep/link")).unwrap();
+        fs::hard_link(m.join("new"), m.join("deep/er/hard")).unwrap();
+        fs::set_permissions(m.join("new"), fs::Permissions::from_mode(0o4751)).unwrap();
+        xattr_set(&m.join("new"), "user.note", b"kept");
+        tree::snapshot(&m, tree::View::Merged).unwrap()
+    });
+    guard.unmount().unwrap();
+
+    let o = image(
+        &store,
+        &[
+            "commit",
+            "--from",
+            "v1",
+            "--upper",
+            p("u").to_str().unwrap(),
+            "--name",
+            "v2",
+            "-m",
+            "test",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("v2 sha256:"), "{out}");
+    assert!(out.trim_end().ends_with("(12 entries)"), "{out}");
+
+    // The new image mounts (read-only, no upper) to exactly the tree the container saw.
+    let o = unionmount(&[
+        "--image".as_ref(),
+        "v2".as_ref(),
+        "--store".as_ref(),
+        store.as_os_str(),
+        p("m2").as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let guard = common::MountGuard::adopt(&p("m2"));
+    let after = snap(&p("m2"));
+    let _ = std::process::Command::new("true").status();
+    let m2 = p("m2");
+    let (a, b) = common::with_timeout(10, move || {
+        use std::os::unix::fs::MetadataExt;
+        (
+            fs::metadata(m2.join("new")).unwrap().ino(),
+            fs::metadata(m2.join("deep/er/hard")).unwrap().ino(),
+        )
+    });
+    guard.unmount().unwrap();
+    let d = tree::diff(&before, &after, "container", "committed", (0, i64::MAX));
+    assert!(d.is_empty(), "committed image differs:\n{}", d.join("\n"));
+    assert_eq!(a, b, "hard links stay linked");
+
+    // Other tools accept it: skopeo converts it, umoci unpacks it to the same tree.
+    let tool = |name: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {name}"))
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    for name in ["skopeo", "umoci"] {
+        if !tool(name) {
+            assert!(
+                std::env::var_os("UNIONMOUNT_REQUIRE_MOUNT").is_none(),
+                "{name} is missing (scripts/install-deps.sh installs it)"
+            );
+            println!("SKIP: {name} not installed");
+            return;
+        }
+    }
+    let o = Command::new("skopeo")
+        .args(["copy", "-q"])
+        .arg(format!("oci:{}:v2", store.display()))
+        .arg(format!("docker-archive:{}:app:v2", p("v2.tar").display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "skopeo: {}", stderr(&o));
+    let o = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:v2", store.display()))
+        .arg(p("bundle"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "umoci: {}", stderr(&o));
+    let unpacked = snap(&p("bundle/rootfs"));
+    let d = tree::diff(&before, &unpacked, "container", "umoci", (0, i64::MAX));
+    // umoci gives the root its own mode/mtime; compare everything below it.
+    let d: Vec<_> = d.into_iter().filter(|l| !l.starts_with(": ")).collect();
+    assert!(d.is_empty(), "umoci's unpack differs:\n{}", d.join("\n"));
+}
+
+fn xattr_set(p: &Path, name: &str, value: &[u8]) {
+    let o = Command::new("setfattr")
+        .arg("-n")
+        .arg(name)
+        .arg("-v")
+        .arg(format!(
+            "0x{}",
+            value.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ))
+        .arg(p)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "setfattr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -28,6 +28,15 @@ pub enum LDir {
     Virt(Arc<dyn VirtualLayer>, EntryId),
 }
 
+/// `name` in virtual directory `dir`: "." is the directory itself (the union names a layer's
+/// root as "." in its root directory).
+fn vlookup(l: &Arc<dyn VirtualLayer>, dir: EntryId, name: &OsStr) -> io::Result<Option<EntryId>> {
+    if name == "." {
+        return Ok(Some(dir));
+    }
+    l.lookup(dir, name)
+}
+
 impl LDir {
     /// The directory fd, for writers (the upper) and on-disk-only code paths.
     pub fn fd(&self) -> io::Result<BorrowedFd<'_>> {
@@ -56,7 +65,7 @@ impl LDir {
     pub fn try_stat(&self, name: &OsStr) -> io::Result<Option<FileStat>> {
         match self {
             LDir::Fd(fd) => super::try_stat_at(fd.as_fd(), name),
-            LDir::Virt(l, id) => match l.lookup(*id, name)? {
+            LDir::Virt(l, id) => match vlookup(l, *id, name)? {
                 Some(c) => Ok(Some(l.stat(c)?)),
                 None => Ok(None),
             },
@@ -97,7 +106,7 @@ impl LDir {
                 0,
             )?))),
             LDir::Virt(l, id) => {
-                let c = l.lookup(*id, name)?.ok_or_else(|| err(libc::ENOENT))?;
+                let c = vlookup(l, *id, name)?.ok_or_else(|| err(libc::ENOENT))?;
                 if l.stat(c)?.st_mode & libc::S_IFMT != libc::S_IFDIR {
                     return Err(err(libc::ENOTDIR));
                 }
@@ -116,7 +125,7 @@ impl LDir {
                 {
                     return Err(err(libc::EROFS));
                 }
-                let c = l.lookup(*id, name)?.ok_or_else(|| err(libc::ENOENT))?;
+                let c = vlookup(l, *id, name)?.ok_or_else(|| err(libc::ENOENT))?;
                 let kind = l.stat(c)?.st_mode & libc::S_IFMT;
                 if flags.contains(OFlag::O_DIRECTORY) || kind != libc::S_IFREG {
                     return Err(err(if kind == libc::S_IFDIR {
@@ -134,7 +143,7 @@ impl LDir {
         match self {
             LDir::Fd(fd) => nix::fcntl::readlinkat(fd.as_fd(), name).map_err(|e| err(e as i32)),
             LDir::Virt(l, id) => {
-                let c = l.lookup(*id, name)?.ok_or_else(|| err(libc::ENOENT))?;
+                let c = vlookup(l, *id, name)?.ok_or_else(|| err(libc::ENOENT))?;
                 l.readlink(c)
             }
         }
@@ -179,7 +188,7 @@ impl LDir {
     ) -> io::Result<EntryId> {
         match name {
             None => Ok(dir),
-            Some(n) => l.lookup(dir, n)?.ok_or_else(|| err(libc::ENOENT)),
+            Some(n) => vlookup(l, dir, n)?.ok_or_else(|| err(libc::ENOENT)),
         }
     }
 }

@@ -404,6 +404,16 @@ impl Store {
         Ok(d)
     }
 
+    /// Names `entry` (a manifest already in blobs/) `name` in index.json, replacing any
+    /// image of that name.
+    pub(crate) fn tag(&self, name: &str, entry: IndexEntry) -> io::Result<()> {
+        let _lock = self.lock(true)?;
+        let mut ix = self.read_index()?;
+        ix.manifests.retain(|e| e.name() != Some(name));
+        ix.manifests.push(entry);
+        self.write_index(&ix)
+    }
+
     /// The stored image `name` (a tag, or `sha256:..` for a manifest digest), read back
     /// through the OCI layout reader, ready to mount.
     pub fn resolve(
