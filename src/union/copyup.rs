@@ -152,7 +152,6 @@ impl Union {
     ) -> io::Result<()> {
         match file_type(st) {
             libc::S_IFREG => {
-                let src = src_dir.open(name, OFlag::O_RDONLY)?;
                 let dst = open_at(
                     work,
                     tmp,
@@ -160,6 +159,9 @@ impl Union {
                     0o600,
                 )?;
                 if data == Data::All {
+                    // Opened only when its bytes are wanted: for an image layer, opening
+                    // fetches the content (O_TRUNC copy-ups fetch nothing).
+                    let src = src_dir.open(name, OFlag::O_RDONLY)?;
                     copy_data(src.as_fd(), dst.as_fd(), st.st_size as u64)?;
                 }
                 // No fsync here: durability is what the user asks for with fsync(2), which
