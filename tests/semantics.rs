@@ -861,6 +861,41 @@ fn copyup_on_chmod_keeps_owner_times_xattrs() {
     assert_work_clean(&fx.work);
 }
 
+/// A file capability survives copy-up of a file not owned by root (the copy's chown must
+/// not drop it, as chown(2) would).
+#[test]
+fn copyup_keeps_file_capabilities_of_non_root_files() {
+    if !common::mount_allowed() {
+        return;
+    }
+    // VFS_CAP_REVISION_2, effective, permitted = CAP_NET_RAW (bit 13).
+    const CAP: &[u8] = &[
+        0x01, 0x00, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let fx = Fixture::new(1);
+    fx.write(&fx.lowers[0], "bin/ping", b"#!/bin/true\n", 0o755);
+    fx.chown(&fx.lowers[0], "bin/ping", 1000, 1001);
+    fx.setxattr(&fx.lowers[0], "bin/ping", "security.capability", CAP);
+    run(&fx, true, |fx| {
+        let cap = CAP;
+        let f = OpenOptions::new()
+            .append(true)
+            .open(fx.m("bin/ping"))
+            .unwrap();
+        drop(f);
+        assert_eq!(
+            get_xattr(&fx.u("bin/ping"), "security.capability").unwrap(),
+            cap
+        );
+        assert_eq!(
+            get_xattr(&fx.m("bin/ping"), "security.capability").unwrap(),
+            cap
+        );
+        let u = lstat(fx.u("bin/ping")).unwrap();
+        assert_eq!((u.uid(), u.gid(), u.mode() & 0o7777), (1000, 1001, 0o755));
+    });
+}
+
 #[test]
 fn copyup_on_chown() {
     if !common::mount_allowed() {

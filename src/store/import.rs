@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::path::Path;
 
 use serde_json::json;
 
@@ -67,6 +68,18 @@ impl Store {
         &self,
         img: &ResolvedImage,
         name: Option<&str>,
+    ) -> io::Result<ImportedImage> {
+        self.import_checked(img, name, &mut |_, _| Ok(()))
+    }
+
+    /// `import_resolved`, calling `check` with each layer and the file holding its bytes
+    /// (staged in tmp/, or the stored blob) before anything is committed: an error from it
+    /// leaves the store as it was (outside tmp/).
+    pub fn import_checked(
+        &self,
+        img: &ResolvedImage,
+        name: Option<&str>,
+        check: &mut dyn FnMut(&ImportedLayer, &Path) -> io::Result<()>,
     ) -> io::Result<ImportedImage> {
         if let Some(n) = name {
             check_name(n)?;
@@ -148,6 +161,14 @@ impl Store {
                 .unwrap_or_else(|| manifest_digest.to_string()),
         };
         check_name(&name)?;
+        for l in &layers {
+            let staged_path = staged
+                .iter()
+                .find(|s| s.digest == l.digest)
+                .and_then(|s| s.path().map(Path::to_path_buf));
+            let path = staged_path.unwrap_or_else(|| self.blob_path(&l.digest));
+            check(l, &path)?;
+        }
         let mut ix = self.read_index()?;
 
         for s in staged {

@@ -139,6 +139,9 @@ impl IndexLayer {
     fn fetch(&self, e: &Entry, sha: &Digest) -> io::Result<()> {
         let fail = |what: String| {
             log::error!("layer {}: {}: {what}", self.index.layer, show(&e.path));
+            // The next fetch reopens the blob (it may have been repaired meanwhile) and
+            // starts with an empty span cache.
+            *self.spans.lock().unwrap_or_else(|p| p.into_inner()) = None;
             err(libc::EIO)
         };
         let spans = self.spans().map_err(|x| {

@@ -88,6 +88,13 @@ pub struct StagedBlob {
     pub size: u64,
 }
 
+impl StagedBlob {
+    /// Where the staged bytes are until `commit_blob`.
+    pub fn path(&self) -> Option<&Path> {
+        self.tmp.as_deref()
+    }
+}
+
 impl Drop for StagedBlob {
     fn drop(&mut self) {
         if let Some(t) = self.tmp.take() {

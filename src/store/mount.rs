@@ -25,66 +25,95 @@ pub struct StoredLayer {
 
 /// `spec` is an image source (`docker-archive:`, `oci:`, `oci-archive:`), imported into the
 /// store first when it holds something the store lacks, or the name (tag or manifest digest)
-/// of an image already in the store. Returns the image's layers, base first.
+/// of an image already in the store. Returns the image's layers, base first, with the index
+/// of each layer that had to be indexed during the import (its cache file written once the
+/// import succeeded).
 pub fn image_layers(
     store: &Store,
     spec: &str,
     platform: Option<&Platform>,
-) -> Result<Vec<StoredLayer>, String> {
+) -> Result<Vec<(StoredLayer, Option<LayerIndex>)>, String> {
     let is_source = ["docker-archive:", "oci:", "oci-archive:"]
         .iter()
         .any(|p| spec.starts_with(p));
-    let img = if is_source {
+    if is_source {
         let src = ImageSource::parse(spec).map_err(|e| e.to_string())?;
         let img = image::resolve(&src, platform).map_err(|e| e.to_string())?;
+        // Every new layer is indexed (digest and DiffID checked) from its staged bytes
+        // before anything is committed, so a bad layer leaves the store untouched.
+        let mut fresh: Vec<LayerIndex> = Vec::new();
         let imported = store
-            .import_resolved(&img, None)
+            .import_checked(&img, None, &mut |l, path| {
+                let sl = stored(l.digest, l.diff_id, l.compression, l.size);
+                if cached_index(store, &sl).is_none() {
+                    let ix = index_file(path, &sl).map_err(std::io::Error::other)?;
+                    fresh.push(ix);
+                }
+                Ok(())
+            })
             .map_err(|e| e.to_string())?;
+        for ix in &fresh {
+            ix.write_atomic(&store.index_path(&ix.layer), &store.tmp_dir())
+                .map_err(|e| e.to_string())?;
+        }
         return Ok(imported
             .layers
             .iter()
-            .map(|l| StoredLayer {
-                digest: l.digest,
-                diff_id: l.diff_id,
-                compression: l.compression,
-                size: l.size,
+            .map(|l| {
+                let ix = fresh
+                    .iter()
+                    .position(|x| x.layer == l.digest)
+                    .map(|i| fresh.swap_remove(i));
+                (stored(l.digest, l.diff_id, l.compression, l.size), ix)
             })
             .collect());
-    } else {
-        store.resolve(spec, platform).map_err(|e| e.to_string())?
-    };
+    }
+    let img = store.resolve(spec, platform).map_err(|e| e.to_string())?;
     img.layers
         .iter()
         .map(|l| {
             let digest = l.digest.ok_or_else(|| {
                 format!("image {spec}: a layer has no digest in the store's manifest")
             })?;
-            Ok(StoredLayer {
-                digest,
-                diff_id: l.diff_id,
-                compression: l.compression,
-                size: l.size,
-            })
+            Ok((stored(digest, l.diff_id, l.compression, l.size), None))
         })
         .collect()
 }
 
-/// The cached index of `layer`, or a fresh one (indexing the blob: one sequential pass that
-/// also checks the layer digest and the DiffID), cached for next time.
-pub fn layer_index(store: &Store, layer: &StoredLayer) -> Result<LayerIndex, String> {
+fn stored(digest: Digest, diff_id: Digest, compression: Compression, size: u64) -> StoredLayer {
+    StoredLayer {
+        digest,
+        diff_id,
+        compression,
+        size,
+    }
+}
+
+/// The cached index of `layer`, if there is a sound one.
+fn cached_index(store: &Store, layer: &StoredLayer) -> Option<LayerIndex> {
     let path = store.index_path(&layer.digest);
     match LayerIndex::read(&path, &layer.digest) {
-        Ok(ix) if ix.diff_id == layer.diff_id => return Ok(ix),
-        Ok(_) => log::warn!(
-            "index {}: DiffID differs from the image's; indexing again",
-            path.display()
-        ),
-        Err(e) if e.is_not_found() => {}
-        Err(e) => log::warn!("{e}; indexing the layer again"),
+        Ok(ix) if ix.diff_id == layer.diff_id => Some(ix),
+        Ok(_) => {
+            log::warn!(
+                "index {}: DiffID differs from the image's; indexing again",
+                path.display()
+            );
+            None
+        }
+        Err(e) if e.is_not_found() => None,
+        Err(e) => {
+            log::warn!("{e}; indexing the layer again");
+            None
+        }
     }
-    let blob_path = store.blob_path(&layer.digest);
-    let blob = std::fs::File::open(&blob_path)
-        .map_err(|e| format!("layer {}: blob {}: {e}", layer.digest, blob_path.display()))?;
+}
+
+/// Indexes the layer blob at `path`: one sequential pass that also checks the layer digest
+/// and the DiffID, with a progress line on a terminal.
+fn index_file(path: &std::path::Path, layer: &StoredLayer) -> Result<LayerIndex, String> {
+    let blob = std::fs::File::open(path)
+        .map_err(|e| format!("layer {}: blob {}: {e}", layer.digest, path.display()))?;
     let src = LayerSource {
         compression: layer.compression,
         layer: layer.digest,
@@ -100,7 +129,16 @@ pub fn layer_index(store: &Store, layer: &StoredLayer) -> Result<LayerIndex, Str
     )
     .map_err(|e: IndexError| e.to_string())?;
     bar.done();
-    ix.write_atomic(&path, &store.tmp_dir())
+    Ok(ix)
+}
+
+/// The cached index of `layer`, or a fresh one from its stored blob, cached for next time.
+pub fn layer_index(store: &Store, layer: &StoredLayer) -> Result<LayerIndex, String> {
+    if let Some(ix) = cached_index(store, layer) {
+        return Ok(ix);
+    }
+    let ix = index_file(&store.blob_path(&layer.digest), layer)?;
+    ix.write_atomic(&store.index_path(&layer.digest), &store.tmp_dir())
         .map_err(|e| e.to_string())?;
     Ok(ix)
 }
@@ -115,8 +153,11 @@ pub fn open_image(
     let layers = image_layers(store, spec, platform)?;
     let verified = Arc::new(super::indexlayer::Verified::default());
     let mut out = Vec::with_capacity(layers.len());
-    for (i, l) in layers.iter().enumerate().rev() {
-        let ix = layer_index(store, l)?;
+    for (i, (l, fresh)) in layers.into_iter().enumerate().rev() {
+        let ix = match fresh {
+            Some(ix) => ix,
+            None => layer_index(store, &l)?,
+        };
         let v = IndexLayer::new(
             Arc::new(ix),
             store.clone(),

@@ -187,9 +187,11 @@ impl Union {
                 .map_err(nix_err)?;
             }
         }
-        copy_xattrs(src_dir, name, XTarget::At(work, tmp))?;
+        // Owner and mode before the xattrs: chown(2) drops security.capability (and chown
+        // before chmod keeps setuid).
         let perm = (file_type(st) != libc::S_IFLNK).then_some(st.st_mode & 0o7777);
         self.set_owner_mode(work, tmp, st.st_uid, st.st_gid, perm)?;
+        copy_xattrs(src_dir, name, XTarget::At(work, tmp))?;
         let times = [
             TimeSpec::new(st.st_atime, st.st_atime_nsec),
             TimeSpec::new(st.st_mtime, st.st_mtime_nsec),
