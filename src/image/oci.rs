@@ -134,6 +134,14 @@ struct Probe {
 /// Checks `oci-layout`; reads and parses `index.json` (`which` names the layout in errors).
 fn read_top(layout: &Layout, which: &str) -> io::Result<IndexJson> {
     let Some(lf) = layout.file("oci-layout")? else {
+        if let Layout::Dir(d) = layout
+            && !d.is_dir()
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{which}: no such directory"),
+            ));
+        }
         return Err(invalid(format!(
             "{which}: missing oci-layout (not an OCI image layout)"
         )));
