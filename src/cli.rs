@@ -105,7 +105,9 @@ struct ImagePlan {
     platform: Option<crate::image::Platform>,
 }
 
-fn open_image(img: &ImagePlan) -> Result<Vec<crate::layer::Layer>, String> {
+fn open_image(
+    img: &ImagePlan,
+) -> Result<(Vec<crate::layer::Layer>, crate::store::lease::MountLease), String> {
     let store = crate::store::Store::open_or_create(&img.store)
         .map_err(|e| format!("image store {}: {e}", img.store.display()))?;
     crate::store::mount::open_image(
@@ -358,9 +360,14 @@ pub fn main() -> i32 {
     sys::set_umask(0);
     sys::raise_nofile();
     let mut extra = Vec::new();
+    // Held until the daemon exits (the parent forgets its copy after the fork).
+    let mut lease = None;
     if let Some(img) = &plan.image {
         match open_image(img) {
-            Ok(layers) => extra = layers,
+            Ok((layers, l)) => {
+                extra = layers;
+                lease = Some(l);
+            }
             Err(msg) => {
                 eprintln!("unionmount: {msg}");
                 return 1;
@@ -395,6 +402,8 @@ pub fn main() -> i32 {
             1
         }
         Ok(sys::Forked::Parent(_)) => {
+            // The daemon holds the lease now: the parent must not remove its record.
+            std::mem::forget(lease);
             drop(wr);
             let mut msg = String::new();
             let _ = std::fs::File::from(rd).read_to_string(&mut msg);

@@ -490,3 +490,67 @@ fn xattr_set(p: &Path, name: &str, value: &[u8]) {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// gc never deletes what a live mount uses, even once the image's name is gone; after the
+/// unmount it does.
+#[test]
+fn gc_spares_the_layers_of_live_mounts() {
+    if !common::mount_allowed() {
+        return;
+    }
+    let t = TempDir::new("lease");
+    let (src, store, mnt) = (t.0.join("img"), t.0.join("store"), t.0.join("mnt"));
+    fs::create_dir_all(&mnt).unwrap();
+    make_image(&src, "v1");
+    assert!(
+        image(&store, &["import", &format!("oci:{}:v1", src.display())])
+            .status
+            .success()
+    );
+    let o = unionmount(&[
+        "--image".as_ref(),
+        "v1".as_ref(),
+        "--store".as_ref(),
+        store.as_os_str(),
+        mnt.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let guard = common::MountGuard::adopt(&mnt);
+    let pids = common::daemon_pids(&mnt);
+    assert_eq!(
+        files_under(&store.join("mounts")).len(),
+        1,
+        "one lease while mounted"
+    );
+    assert!(image(&store, &["rm", "v1"]).status.success());
+    // gc takes the untagged manifest and config, and leaves the mounted layers and indexes.
+    let o = image(&store, &["gc"]);
+    assert!(
+        stdout(&o).starts_with("removed 2 blobs, 0 indexes"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(files_under(&store.join("blobs")).len(), 2);
+    assert_eq!(files_under(&store.join("index")).len(), 2);
+    // The mount still reads its files.
+    let m = mnt.clone();
+    assert_eq!(
+        common::with_timeout(10, move || fs::read(m.join("etc/greeting")).unwrap()),
+        b"bonjour\n"
+    );
+    guard.unmount().unwrap();
+    assert!(
+        common::wait_for(std::time::Duration::from_secs(10), || pids
+            .iter()
+            .all(|&p| !common::alive(p))),
+        "daemon exited"
+    );
+    let o = image(&store, &["gc"]);
+    assert!(
+        stdout(&o).starts_with("removed 2 blobs, 2 indexes"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(files_under(&store.join("mounts")).is_empty());
+    assert!(files_under(&store.join("blobs")).is_empty());
+}

@@ -214,6 +214,11 @@ impl Store {
             let d = self.entry_digest(e)?;
             self.mark(&d, 0, &mut blobs, &mut layers, true)?;
         }
+        // Layers of live mounts stay, named or not (see `lease`).
+        for d in self.leased_layers()? {
+            blobs.insert(d);
+            layers.insert(d);
+        }
         let mut objects = BTreeSet::new();
         if let Some(hook) = live_objects {
             for l in &layers {

@@ -9,6 +9,7 @@ pub mod import;
 pub mod indexlayer;
 pub mod layerindex;
 pub mod layout;
+pub mod lease;
 pub mod mount;
 pub mod spans;
 pub mod tarindex;

@@ -143,14 +143,19 @@ pub fn layer_index(store: &Store, layer: &StoredLayer) -> Result<LayerIndex, Str
     Ok(ix)
 }
 
-/// The union layers of image `spec`, top first; `dev_base` numbers their devices.
+/// The union layers of image `spec`, top first (`dev_base` numbers their devices), and the
+/// lease that keeps them from gc while the mount lives.
 pub fn open_image(
     store: &Store,
     spec: &str,
     platform: Option<&Platform>,
     dev_base: u64,
-) -> Result<Vec<Layer>, String> {
+) -> Result<(Vec<Layer>, super::lease::MountLease), String> {
     let layers = image_layers(store, spec, platform)?;
+    let digests: Vec<Digest> = layers.iter().map(|(l, _)| l.digest).collect();
+    let lease = store
+        .lease(&digests)
+        .map_err(|e| format!("image store {}: mounts: {e}", store.root().display()))?;
     let verified = Arc::new(super::indexlayer::Verified::default());
     let mut out = Vec::with_capacity(layers.len());
     for (i, (l, fresh)) in layers.into_iter().enumerate().rev() {
@@ -170,7 +175,7 @@ pub fn open_image(
             Arc::new(v),
         )?);
     }
-    Ok(out)
+    Ok((out, lease))
 }
 
 /// A one-line progress display on a terminal (stderr), silent otherwise.
