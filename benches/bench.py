@@ -1183,7 +1183,7 @@ class Bench:
             self.record("img_first_gz", d, t)
             self.record("img_first_tar", d, t)
             umount(mnt)
-            t = mount("bench:latest")
+            t = mount("docker-archive:" + os.path.join(img, "image-gzip.tar"))
             self.record("img_second_ready", d, t * 1000)
             self.record("img_second_read", d, first_byte() * 1000)
             dt, out = self.timed("tar -cf - . | wc -c", mnt)

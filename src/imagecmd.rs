@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::image::{self, ImageSource, Platform};
-use crate::store::mount::{StoredLayer, layer_index};
 use crate::store::{Digest, LayerIndex, Store};
 
 #[derive(Parser, Debug)]
@@ -106,20 +105,7 @@ fn run(a: ImageArgs) -> Result<(), String> {
             };
             let src = ImageSource::parse(&source).map_err(|e| e.to_string())?;
             let img = image::resolve(&src, platform.as_ref()).map_err(|e| e.to_string())?;
-            let imp = store
-                .import_resolved(&img, name.as_deref())
-                .map_err(|e| e.to_string())?;
-            for l in &imp.layers {
-                layer_index(
-                    &store,
-                    &StoredLayer {
-                        digest: l.digest,
-                        diff_id: l.diff_id,
-                        compression: l.compression,
-                        size: l.size,
-                    },
-                )?;
-            }
+            let imp = crate::store::mount::import_and_index(&store, &img, name.as_deref())?;
             println!("{} {}", imp.name, imp.manifest_digest);
         }
         Cmd::Ls => {

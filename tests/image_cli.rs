@@ -56,6 +56,11 @@ fn put(dir: &Path, bytes: &[u8]) -> (String, usize) {
 
 /// An OCI layout at `dir` tagged `tag`: base layer gzip, top layer plain tar.
 fn make_image(dir: &Path, tag: &str) -> String {
+    make_image_with(dir, tag, false)
+}
+
+/// `make_image`, with a config whose DiffID for the base layer is wrong when `bad_diff_id`.
+fn make_image_with(dir: &Path, tag: &str, bad_diff_id: bool) -> String {
     fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
     let base = layer(&[("etc/greeting", b"hello\n"), ("bin/tool", b"#!/bin/sh\n")]);
     let top = layer(&[("etc/greeting", b"bonjour\n"), ("app/data", &[7u8; 5000])]);
@@ -66,7 +71,11 @@ fn make_image(dir: &Path, tag: &str) -> String {
     let (td, tn) = put(dir, &top);
     let config = format!(
         r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["sha256:{}","sha256:{}"]}}}}"#,
-        sha(&base),
+        if bad_diff_id {
+            sha(b"something else")
+        } else {
+            sha(&base)
+        },
         sha(&top)
     );
     let (cd, cn) = put(dir, config.as_bytes());
@@ -553,4 +562,21 @@ fn gc_spares_the_layers_of_live_mounts() {
     );
     assert!(files_under(&store.join("mounts")).is_empty());
     assert!(files_under(&store.join("blobs")).is_empty());
+}
+
+/// An image whose config names the wrong DiffID is refused by `image import` with one line
+/// naming the layer, and leaves the store without blobs, indexes or names.
+#[test]
+fn import_refuses_a_wrong_diff_id_and_writes_nothing() {
+    let t = TempDir::new("diffid");
+    let (src, store) = (t.0.join("img"), t.0.join("store"));
+    make_image_with(&src, "v1", true);
+    let o = image(&store, &["import", &format!("oci:{}:v1", src.display())]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("DiffID"), "{err}");
+    assert!(files_under(&store.join("blobs")).is_empty());
+    assert!(files_under(&store.join("index")).is_empty());
+    assert_eq!(stdout(&image(&store, &["ls"])), "");
 }

@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use serde_json::{Value, json};
-use unionmount::image::Platform;
 use unionmount::image::blob::sha256_of;
+use unionmount::image::{ImageSource, Platform};
 use unionmount::store::{Digest, Store};
 
 use common::{
@@ -964,8 +964,12 @@ fn second_mount_reads_no_layer_data() {
     write_oci(&img, &layout_dir);
     let store = fx.dir.join("store");
     let spec = format!("oci:{}:{TAG}", layout_dir.display());
+    Store::open_or_create(&store)
+        .unwrap()
+        .import(&ImageSource::parse(&spec).unwrap(), None)
+        .unwrap();
 
-    let first = mount_image(&spec, &store, &[], &fx.mnt);
+    let first = mount_image(TAG, &store, &[], &fx.mnt);
     assert_eq!(read_within(&fx.m("etc/hosts")).unwrap(), HOSTS_MID);
     let listing = walk_all(&fx.mnt);
     first.unmount().unwrap();
@@ -1019,6 +1023,50 @@ fn second_mount_reads_no_layer_data() {
     second.unmount().unwrap();
 }
 
+/// Mounting a source reads it in place: the store gains the layer indexes (and the contents
+/// read), never a copy of a blob or a name; a second mount of the same source reads no layer
+/// data (its blobs zeroed in the layout, the mount still lists everything and serves what
+/// was read before).
+#[test]
+fn a_source_is_mounted_in_place() {
+    if !mount_allowed() {
+        return;
+    }
+    let fx = Fixture::new(0);
+    let img = test_image();
+    let layout_dir = fx.dir.join("layout");
+    write_oci(&img, &layout_dir);
+    let store = fx.dir.join("store");
+    let spec = format!("oci:{}:{TAG}", layout_dir.display());
+    let first = mount_image(&spec, &store, &[], &fx.mnt);
+    assert_eq!(read_within(&fx.m("etc/hosts")).unwrap(), HOSTS_MID);
+    let listing = walk_all(&fx.mnt);
+    first.unmount().unwrap();
+    let st = Store::open_or_create(&store).unwrap();
+    for l in &img.layers {
+        assert!(!st.has_blob(&l.digest()), "no copy of layer {}", l.digest());
+        assert!(
+            st.index_path(&l.digest()).is_file(),
+            "index of {} cached",
+            l.digest()
+        );
+    }
+    assert!(st.list().unwrap().is_empty(), "mounting names no image");
+    for l in &img.layers {
+        let b = layout_dir.join("blobs/sha256").join(l.digest().hex());
+        let len = fs::metadata(&b).unwrap().len();
+        fs::write(&b, vec![0u8; len as usize]).unwrap();
+    }
+    let second = mount_image(&spec, &store, &[], &fx.mnt);
+    assert_eq!(walk_all(&fx.mnt), listing);
+    assert_eq!(read_within(&fx.m("etc/hosts")).unwrap(), HOSTS_MID);
+    assert_eq!(
+        read_within(&fx.m("etc/passwd")).unwrap_err().raw_os_error(),
+        Some(libc::EIO)
+    );
+    second.unmount().unwrap();
+}
+
 /// Moves the real layer blobs back into the store when dropped (also while panicking).
 struct BlobsBack {
     moved: PathBuf,
@@ -1056,12 +1104,15 @@ fn corrupted_blob_bytes_are_never_served() {
     write_oci(&img, &layout_dir);
     let store = fx.dir.join("store");
     let spec = format!("oci:{}:{TAG}", layout_dir.display());
+    // Imported, then mounted by name: the daemon reads the blob in the store.
+    let st = Store::open_or_create(&store).unwrap();
+    st.import(&ImageSource::parse(&spec).unwrap(), None)
+        .unwrap();
 
-    let first = mount_image(&spec, &store, &[], &fx.mnt);
+    let first = mount_image(TAG, &store, &[], &fx.mnt);
     assert!(lstat(fx.m("app/etc/app.conf")).unwrap().is_file());
     first.unmount().unwrap();
 
-    let st = Store::open_or_create(&store).unwrap();
     let top = img.layers[2].digest();
     let blob_path = st.blob_path(&top);
     let mut blob = fs::read(&blob_path).unwrap();

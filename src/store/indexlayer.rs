@@ -29,7 +29,7 @@ use std::io::Write;
 
 use sha2::{Digest as _, Sha256};
 
-use super::layerindex::{Entry, Kind, LayerIndex};
+use super::layerindex::{Entry, FileRange, Kind, LayerIndex};
 use super::spans::SpanReader;
 use super::{Digest, Store};
 use crate::layer::VirtualLayer;
@@ -41,11 +41,19 @@ const OPQ_BIT: u64 = 1 << 61;
 /// st_ino of hard-link groups, above every entry id.
 const GROUP_BASE: u64 = 1 << 40;
 
+/// Where a layer's blob is: a file in the store, or a byte range of an archive read in place.
+#[derive(Debug, Clone)]
+pub struct BlobAt {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub len: u64,
+}
+
 #[derive(Debug)]
 pub struct IndexLayer {
     index: Arc<LayerIndex>,
     store: Store,
-    blob: PathBuf,
+    blob: BlobAt,
     dev: u64,
     /// The blob's uncompressed stream, opened on the first fetch.
     spans: Mutex<Option<Arc<SpanReader>>>,
@@ -79,8 +87,8 @@ impl IndexLayer {
         store: Store,
         dev: u64,
         verified: Arc<Verified>,
+        blob: BlobAt,
     ) -> IndexLayer {
-        let blob = store.blob_path(&index.layer);
         IndexLayer {
             index,
             store,
@@ -129,7 +137,14 @@ impl IndexLayer {
         if let Some(r) = &*g {
             return Ok(r.clone());
         }
-        let r = Arc::new(SpanReader::new(self.index.clone(), File::open(&self.blob)?));
+        let r = Arc::new(SpanReader::new(
+            self.index.clone(),
+            FileRange {
+                file: File::open(&self.blob.path)?,
+                offset: self.blob.offset,
+                len: self.blob.len,
+            },
+        ));
         *g = Some(r.clone());
         Ok(r)
     }
@@ -147,7 +162,7 @@ impl IndexLayer {
         let spans = self.spans().map_err(|x| {
             fail(format!(
                 "cannot open the layer blob {}: {x}",
-                self.blob.display()
+                self.blob.path.display()
             ))
         })?;
         let (tmp, f) = self.store.new_tmp()?;

@@ -274,6 +274,27 @@ impl ReadAt for fs::File {
     }
 }
 
+/// A blob that is a byte range of a file (a member of a docker-archive or oci-archive, read
+/// in place); reads past its end return 0.
+#[derive(Debug)]
+pub struct FileRange {
+    pub file: fs::File,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl ReadAt for FileRange {
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        if pos >= self.len {
+            return Ok(0);
+        }
+        let n = buf
+            .len()
+            .min(usize::try_from(self.len - pos).unwrap_or(usize::MAX));
+        FileExt::read_at(&self.file, &mut buf[..n], self.offset + pos)
+    }
+}
+
 impl ReadAt for [u8] {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let start = usize::try_from(offset)

@@ -7,8 +7,8 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::indexlayer::IndexLayer;
-use super::layerindex::{IndexError, LayerIndex};
+use super::indexlayer::{BlobAt, IndexLayer};
+use super::layerindex::{AtCursor, FileRange, IndexError, LayerIndex};
 use super::tarindex::{LayerSource, Limits, index_layer};
 use super::{Compression, Digest, Store};
 use crate::image::{self, ImageSource, Platform};
@@ -23,61 +23,109 @@ pub struct StoredLayer {
     pub size: u64,
 }
 
-/// `spec` is an image source (`docker-archive:`, `oci:`, `oci-archive:`), imported into the
-/// store first when it holds something the store lacks, or the name (tag or manifest digest)
-/// of an image already in the store. Returns the image's layers, base first, with the index
-/// of each layer that had to be indexed during the import (its cache file written once the
-/// import succeeded).
+/// One layer of an image to mount: what it is, where its blob is, and its index if it had
+/// to be built now (its cache file is written once every layer has been indexed).
+pub struct MountLayer {
+    pub layer: StoredLayer,
+    pub blob: BlobAt,
+    pub index: LayerIndex,
+}
+
+/// `spec` is an image source (`docker-archive:`, `oci:`, `oci-archive:`), mounted in place:
+/// its blobs are read where they are (inside the archive), nothing is copied, and only the
+/// layer indexes are cached in the store. Or it is the name (tag or manifest digest) of an
+/// image in the store. Layers come base first.
 pub fn image_layers(
     store: &Store,
     spec: &str,
     platform: Option<&Platform>,
-) -> Result<Vec<(StoredLayer, Option<LayerIndex>)>, String> {
+) -> Result<Vec<MountLayer>, String> {
     let is_source = ["docker-archive:", "oci:", "oci-archive:"]
         .iter()
         .any(|p| spec.starts_with(p));
-    if is_source {
+    let img = if is_source {
         let src = ImageSource::parse(spec).map_err(|e| e.to_string())?;
-        let img = image::resolve(&src, platform).map_err(|e| e.to_string())?;
-        // Every new layer is indexed (digest and DiffID checked) from its staged bytes
-        // before anything is committed, so a bad layer leaves the store untouched.
-        let mut fresh: Vec<LayerIndex> = Vec::new();
-        let imported = store
-            .import_checked(&img, None, &mut |l, path| {
-                let sl = stored(l.digest, l.diff_id, l.compression, l.size);
-                if cached_index(store, &sl).is_none() {
-                    let ix = index_file(path, &sl).map_err(std::io::Error::other)?;
-                    fresh.push(ix);
-                }
-                Ok(())
-            })
-            .map_err(|e| e.to_string())?;
-        for ix in &fresh {
-            ix.write_atomic(&store.index_path(&ix.layer), &store.tmp_dir())
+        image::resolve(&src, platform).map_err(|e| e.to_string())?
+    } else {
+        store.resolve(spec, platform).map_err(|e| e.to_string())?
+    };
+    let mut out = Vec::with_capacity(img.layers.len());
+    for l in &img.layers {
+        // A plain layer's digest is its DiffID; a compressed layer of a legacy docker-archive
+        // has no digest until hashed: import that image instead (copying hashes it).
+        let digest = match (l.digest, l.compression) {
+            (Some(d), _) => d,
+            (None, Compression::None) => l.diff_id,
+            // A compressed layer of a legacy docker-archive: nothing names its digest (the
+            // DiffID, checked by indexing, is what vouches for it), so it is hashed here.
+            (None, _) => hash_range(&l.source)
+                .map_err(|e| format!("{}: layer {}: {e}", img.source, l.source.path.display()))?,
+        };
+        let layer = stored(digest, l.diff_id, l.compression, l.size);
+        let blob = BlobAt {
+            path: l.source.path.clone(),
+            offset: l.source.offset,
+            len: l.source.len,
+        };
+        let (index, fresh) = match cached_index(store, &layer) {
+            Some(ix) => (ix, false),
+            None => (index_range(&blob, &layer)?, true),
+        };
+        out.push((MountLayer { layer, blob, index }, fresh));
+    }
+    for (m, fresh) in &out {
+        if *fresh {
+            m.index
+                .write_atomic(&store.index_path(&m.layer.digest), &store.tmp_dir())
                 .map_err(|e| e.to_string())?;
         }
-        return Ok(imported
-            .layers
-            .iter()
-            .map(|l| {
-                let ix = fresh
-                    .iter()
-                    .position(|x| x.layer == l.digest)
-                    .map(|i| fresh.swap_remove(i));
-                (stored(l.digest, l.diff_id, l.compression, l.size), ix)
-            })
-            .collect());
     }
-    let img = store.resolve(spec, platform).map_err(|e| e.to_string())?;
-    img.layers
-        .iter()
-        .map(|l| {
-            let digest = l.digest.ok_or_else(|| {
-                format!("image {spec}: a layer has no digest in the store's manifest")
-            })?;
-            Ok((stored(digest, l.diff_id, l.compression, l.size), None))
+    Ok(out.into_iter().map(|(m, _)| m).collect())
+}
+
+fn hash_range(b: &image::BlobRef) -> std::io::Result<Digest> {
+    use sha2::{Digest as _, Sha256};
+    let mut r = b.open()?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut r, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Digest::from_bytes(h.finalize().into()))
+}
+
+/// Imports `img` into the store as `name` (default: its tag, else its manifest digest),
+/// indexing every new layer from its staged bytes first, so that a layer that fails its
+/// digest or DiffID check leaves the store as it was (outside tmp/).
+pub fn import_and_index(
+    store: &Store,
+    img: &image::ResolvedImage,
+    name: Option<&str>,
+) -> Result<super::ImportedImage, String> {
+    let mut fresh: Vec<LayerIndex> = Vec::new();
+    let imported = store
+        .import_checked(img, name, &mut |l, path| {
+            let sl = stored(l.digest, l.diff_id, l.compression, l.size);
+            if cached_index(store, &sl).is_none() && !fresh.iter().any(|x| x.layer == l.digest) {
+                let at = BlobAt {
+                    path: path.to_path_buf(),
+                    offset: 0,
+                    len: l.size,
+                };
+                fresh.push(index_range(&at, &sl).map_err(std::io::Error::other)?);
+            }
+            Ok(())
         })
-        .collect()
+        .map_err(|e| e.to_string())?;
+    for ix in &fresh {
+        ix.write_atomic(&store.index_path(&ix.layer), &store.tmp_dir())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(imported)
 }
 
 fn stored(digest: Digest, diff_id: Digest, compression: Compression, size: u64) -> StoredLayer {
@@ -109,11 +157,16 @@ fn cached_index(store: &Store, layer: &StoredLayer) -> Option<LayerIndex> {
     }
 }
 
-/// Indexes the layer blob at `path`: one sequential pass that also checks the layer digest
+/// Indexes the layer blob at `at`: one sequential pass that also checks the layer digest
 /// and the DiffID, with a progress line on a terminal.
-fn index_file(path: &std::path::Path, layer: &StoredLayer) -> Result<LayerIndex, String> {
-    let blob = std::fs::File::open(path)
-        .map_err(|e| format!("layer {}: blob {}: {e}", layer.digest, path.display()))?;
+fn index_range(at: &BlobAt, layer: &StoredLayer) -> Result<LayerIndex, String> {
+    let file = std::fs::File::open(&at.path)
+        .map_err(|e| format!("layer {}: blob {}: {e}", layer.digest, at.path.display()))?;
+    let range = FileRange {
+        file,
+        offset: at.offset,
+        len: at.len,
+    };
     let src = LayerSource {
         compression: layer.compression,
         layer: layer.digest,
@@ -122,7 +175,7 @@ fn index_file(path: &std::path::Path, layer: &StoredLayer) -> Result<LayerIndex,
     };
     let mut bar = Progress::new(&layer.digest);
     let ix = index_layer(
-        std::io::BufReader::with_capacity(1 << 20, blob),
+        std::io::BufReader::with_capacity(1 << 20, AtCursor::new(&range, 0)),
         &src,
         &Limits::default(),
         &mut |done, total| bar.show(done, total),
@@ -137,7 +190,12 @@ pub fn layer_index(store: &Store, layer: &StoredLayer) -> Result<LayerIndex, Str
     if let Some(ix) = cached_index(store, layer) {
         return Ok(ix);
     }
-    let ix = index_file(&store.blob_path(&layer.digest), layer)?;
+    let at = BlobAt {
+        path: store.blob_path(&layer.digest),
+        offset: 0,
+        len: layer.size,
+    };
+    let ix = index_range(&at, layer)?;
     ix.write_atomic(&store.index_path(&layer.digest), &store.tmp_dir())
         .map_err(|e| e.to_string())?;
     Ok(ix)
@@ -152,22 +210,20 @@ pub fn open_image(
     dev_base: u64,
 ) -> Result<(Vec<Layer>, super::lease::MountLease), String> {
     let layers = image_layers(store, spec, platform)?;
-    let digests: Vec<Digest> = layers.iter().map(|(l, _)| l.digest).collect();
+    let digests: Vec<Digest> = layers.iter().map(|m| m.layer.digest).collect();
     let lease = store
         .lease(&digests)
         .map_err(|e| format!("image store {}: mounts: {e}", store.root().display()))?;
     let verified = Arc::new(super::indexlayer::Verified::default());
     let mut out = Vec::with_capacity(layers.len());
-    for (i, (l, fresh)) in layers.into_iter().enumerate().rev() {
-        let ix = match fresh {
-            Some(ix) => ix,
-            None => layer_index(store, &l)?,
-        };
+    for (i, m) in layers.into_iter().enumerate().rev() {
+        let (l, ix) = (m.layer, m.index);
         let v = IndexLayer::new(
             Arc::new(ix),
             store.clone(),
             dev_base + i as u64,
             verified.clone(),
+            m.blob,
         );
         out.push(Layer::virtual_layer(
             &format!("layer {}", l.digest),

@@ -10,21 +10,20 @@
 //! decompressed for gzip (two threads may decode the same span; the second insert is dropped).
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
 use super::Compression;
 use super::gzindex::{Checkpoint, GzReader};
-use super::layerindex::{AtCursor, LayerIndex};
+use super::layerindex::{AtCursor, FileRange, LayerIndex, ReadAt};
 
 /// Spans kept per layer (gzip spans are about 1 MiB of output).
 const CACHE_SPANS: usize = 16;
 /// zstd span size.
 const ZSTD_SPAN: u64 = 1 << 20;
 
-type ZstdDecoder = zstd::stream::read::Decoder<'static, io::BufReader<AtCursor<'static, File>>>;
+type ZstdDecoder =
+    zstd::stream::read::Decoder<'static, io::BufReader<AtCursor<'static, FileRange>>>;
 
 struct Cursor {
     dec: ZstdDecoder,
@@ -61,7 +60,7 @@ impl Cache {
 
 pub struct SpanReader {
     index: Arc<LayerIndex>,
-    blob: &'static File,
+    blob: &'static FileRange,
     cache: Mutex<(Cache, Option<Cursor>)>,
 }
 
@@ -75,7 +74,7 @@ impl std::fmt::Debug for SpanReader {
 
 impl SpanReader {
     /// `blob` is leaked on purpose: a layer's blob stays open for the life of the mount.
-    pub fn new(index: Arc<LayerIndex>, blob: File) -> SpanReader {
+    pub fn new(index: Arc<LayerIndex>, blob: FileRange) -> SpanReader {
         SpanReader {
             index,
             blob: Box::leak(Box::new(blob)),
@@ -96,7 +95,7 @@ impl SpanReader {
             let (mut at, end) = (offset, offset + len);
             while at < end {
                 let n = buf.len().min((end - at) as usize);
-                let got = self.blob.read_at(&mut buf[..n], at)?;
+                let got = ReadAt::read_at(self.blob, &mut buf[..n], at)?;
                 if got == 0 {
                     return Err(eof(at));
                 }
