@@ -58,7 +58,7 @@ pub fn image_layers(
             (None, Compression::None) => l.diff_id,
             // A compressed layer of a legacy docker-archive: nothing names its digest (the
             // DiffID, checked by indexing, is what vouches for it), so it is hashed here.
-            (None, _) => hash_range(&l.source)
+            (None, _) => member_digest(store, &l.source)
                 .map_err(|e| format!("{}: layer {}: {e}", img.source, l.source.path.display()))?,
         };
         let layer = stored(digest, l.diff_id, l.compression, l.size);
@@ -81,6 +81,45 @@ pub fn image_layers(
         }
     }
     Ok(out.into_iter().map(|(m, _)| m).collect())
+}
+
+/// The digest of an archive member that nothing names, remembered in the store by the
+/// member's place and the archive's identity (device, inode, size, mtime), so that a second
+/// mount of the same archive does not read the layer again. Safe to trust: a stale answer
+/// only picks the wrong cached index, and every file's bytes are still checked against its
+/// own sha256 before they are served.
+fn member_digest(store: &Store, b: &image::BlobRef) -> std::io::Result<Digest> {
+    use sha2::{Digest as _, Sha256};
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(&b.path)?;
+    let key = format!(
+        "{}\0{}\0{}\0{}\0{}\0{}\0{}.{}",
+        std::fs::canonicalize(&b.path)?.display(),
+        b.offset,
+        b.len,
+        md.dev(),
+        md.ino(),
+        md.size(),
+        md.mtime(),
+        md.mtime_nsec()
+    );
+    let name = Digest::from_bytes(Sha256::digest(key.as_bytes()).into()).hex();
+    let path = store.root().join("index/by-member").join(name);
+    if let Some(d) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| t.trim().parse::<Digest>().ok())
+    {
+        return Ok(d);
+    }
+    let d = hash_range(b)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let (tmp, mut f) = store.new_tmp()?;
+    std::io::Write::write_all(&mut f, d.to_string().as_bytes())?;
+    drop(f);
+    store.publish_tmp(&tmp, &path)?;
+    Ok(d)
 }
 
 fn hash_range(b: &image::BlobRef) -> std::io::Result<Digest> {

@@ -86,17 +86,23 @@ pub fn index_layer<R: Read>(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<LayerIndex, IndexError> {
     let layer = &src.layer;
+    // The blob's own digest is computed on a second thread: for a plain layer that is the
+    // whole stream, hashed while this thread parses and hashes each file.
     let mut raw = Hashing {
         inner: blob,
-        sha: Some(Sha256::new()),
+        sha: None,
         n: 0,
         progress: Some((progress, src.size)),
+        side: Some(SideHasher::start()),
     };
     let parsed = parse_stream(&mut raw, src, limits);
     // Hash the rest of the blob (trailing bytes, or what a failed parse left) so that a
     // wrong blob is reported as such rather than as whatever broke first.
     let drained = io::copy(&mut raw, &mut io::sink());
-    let blob_digest = Digest::from_bytes(raw.sha.take().unwrap_or_default().finalize().into());
+    let blob_digest = match raw.side.take() {
+        Some(s) => s.finish(),
+        None => Digest::from_bytes(raw.sha.take().unwrap_or_default().finalize().into()),
+    };
     if let Err(e) = drained {
         return Err(IndexError::io(layer, "reading the blob", &e));
     }
@@ -146,6 +152,7 @@ fn parse_stream<R: Read>(
                 sha: None,
                 n: 0,
                 progress: None,
+                side: None,
             };
             // The layer digest is the DiffID here: hash once, in `raw`.
             let b = parse_tar(
@@ -159,11 +166,14 @@ fn parse_stream<R: Read>(
         Compression::Gzip => {
             let mut gz = GzReader::indexing(raw)
                 .map_err(|e| IndexError::new(ErrorKind::Compressed, layer, e.to_string()))?;
+            // The DiffID is hashed on its own thread too (this one inflates, parses and
+            // hashes each file).
             let mut diff = Hashing {
                 inner: &mut gz,
-                sha: Some(Sha256::new()),
+                sha: None,
                 n: 0,
                 progress: None,
+                side: Some(SideHasher::start()),
             };
             let b = parse_tar(
                 BufReader::with_capacity(256 << 10, &mut diff),
@@ -171,7 +181,10 @@ fn parse_stream<R: Read>(
                 limits,
             )?;
             let n = drain(&mut diff, layer)?;
-            let d = Digest::from_bytes(diff.sha.take().unwrap_or_default().finalize().into());
+            let d = diff
+                .side
+                .take()
+                .map_or(Digest::from_bytes([0; 32]), SideHasher::finish);
             Ok((b, gz.take_checkpoints(), n, Some(d)))
         }
         Compression::Zstd => {
@@ -179,9 +192,10 @@ fn parse_stream<R: Read>(
                 .map_err(|e| IndexError::new(ErrorKind::Compressed, layer, format!("zstd: {e}")))?;
             let mut diff = Hashing {
                 inner: ZstdErrors(dec),
-                sha: Some(Sha256::new()),
+                sha: None,
                 n: 0,
                 progress: None,
+                side: Some(SideHasher::start()),
             };
             let b = parse_tar(
                 BufReader::with_capacity(256 << 10, &mut diff),
@@ -189,7 +203,10 @@ fn parse_stream<R: Read>(
                 limits,
             )?;
             let n = drain(&mut diff, layer)?;
-            let d = Digest::from_bytes(diff.sha.take().unwrap_or_default().finalize().into());
+            let d = diff
+                .side
+                .take()
+                .map_or(Digest::from_bytes([0; 32]), SideHasher::finish);
             Ok((b, Vec::new(), n, Some(d)))
         }
     }
@@ -217,6 +234,66 @@ impl<R: Read> Read for ZstdErrors<R> {
 
 type Progress<'p> = &'p mut dyn FnMut(u64, u64);
 
+/// A sha256 computed on its own thread from chunks sent to it.
+struct SideHasher {
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    handle: Option<std::thread::JoinHandle<Digest>>,
+    /// Used when the thread could not be started.
+    inline: Option<Sha256>,
+}
+
+impl SideHasher {
+    fn start() -> SideHasher {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+        let spawned = std::thread::Builder::new()
+            .name("blob-sha256".into())
+            .spawn(move || {
+                let mut h = Sha256::new();
+                for chunk in rx {
+                    h.update(&chunk);
+                }
+                Digest::from_bytes(h.finalize().into())
+            });
+        match spawned {
+            Ok(handle) => SideHasher {
+                tx: Some(tx),
+                handle: Some(handle),
+                inline: None,
+            },
+            Err(_) => SideHasher {
+                tx: None,
+                handle: None,
+                inline: Some(Sha256::new()),
+            },
+        }
+    }
+
+    fn update(&mut self, b: &[u8]) {
+        if let Some(h) = self.inline.as_mut() {
+            h.update(b);
+            return;
+        }
+        let sent = self.tx.as_ref().map(|tx| tx.send(b.to_vec()));
+        if !matches!(sent, Some(Ok(()))) {
+            // The thread is gone (it cannot fail on its own): make the digest unusable.
+            let mut h = Sha256::new();
+            h.update(b"\0side hasher lost\0");
+            self.inline = Some(h);
+        }
+    }
+
+    fn finish(mut self) -> Digest {
+        if let Some(h) = self.inline.take() {
+            return Digest::from_bytes(h.finalize().into());
+        }
+        drop(self.tx.take());
+        match self.handle.take().map(|h| h.join()) {
+            Some(Ok(d)) => d,
+            _ => Digest::from_bytes([0; 32]),
+        }
+    }
+}
+
 /// Hashes and counts what passes through; reports progress.
 struct Hashing<'p, R: Read> {
     inner: R,
@@ -224,6 +301,8 @@ struct Hashing<'p, R: Read> {
     sha: Option<Sha256>,
     n: u64,
     progress: Option<(Progress<'p>, u64)>,
+    /// Hashes on another thread instead of `sha`.
+    side: Option<SideHasher>,
 }
 
 impl<R: Read> Read for Hashing<'_, R> {
@@ -231,6 +310,9 @@ impl<R: Read> Read for Hashing<'_, R> {
         let n = self.inner.read(buf)?;
         if let Some(sha) = self.sha.as_mut() {
             sha.update(&buf[..n]);
+        }
+        if let Some(side) = self.side.as_mut() {
+            side.update(&buf[..n]);
         }
         self.n += n as u64;
         if let Some((f, total)) = self.progress.as_mut() {
