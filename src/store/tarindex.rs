@@ -166,50 +166,43 @@ fn parse_stream<R: Read>(
         Compression::Gzip => {
             let mut gz = GzReader::indexing(raw)
                 .map_err(|e| IndexError::new(ErrorKind::Compressed, layer, e.to_string()))?;
-            // The DiffID is hashed on its own thread too (this one inflates, parses and
-            // hashes each file).
-            let mut diff = Hashing {
-                inner: &mut gz,
-                sha: None,
-                n: 0,
-                progress: None,
-                side: Some(SideHasher::start()),
-            };
-            let b = parse_tar(
-                BufReader::with_capacity(256 << 10, &mut diff),
-                layer,
-                limits,
-            )?;
-            let n = drain(&mut diff, layer)?;
-            let d = diff
-                .side
-                .take()
-                .map_or(Digest::from_bytes([0; 32]), SideHasher::finish);
+            let (b, n, d) = parse_decompressed(&mut gz, layer, limits)?;
             Ok((b, gz.take_checkpoints(), n, Some(d)))
         }
         Compression::Zstd => {
             let dec = zstd::stream::read::Decoder::new(raw)
                 .map_err(|e| IndexError::new(ErrorKind::Compressed, layer, format!("zstd: {e}")))?;
-            let mut diff = Hashing {
-                inner: ZstdErrors(dec),
-                sha: None,
-                n: 0,
-                progress: None,
-                side: Some(SideHasher::start()),
-            };
-            let b = parse_tar(
-                BufReader::with_capacity(256 << 10, &mut diff),
-                layer,
-                limits,
-            )?;
-            let n = drain(&mut diff, layer)?;
-            let d = diff
-                .side
-                .take()
-                .map_or(Digest::from_bytes([0; 32]), SideHasher::finish);
+            let (b, n, d) = parse_decompressed(ZstdErrors(dec), layer, limits)?;
             Ok((b, Vec::new(), n, Some(d)))
         }
     }
+}
+
+/// Parses a decompressed stream; returns the entries, the stream's length and its digest
+/// (the DiffID), which is hashed on its own thread while this one parses and hashes files.
+fn parse_decompressed<R: Read>(
+    stream: R,
+    layer: &Digest,
+    limits: &Limits,
+) -> Result<(Builder, u64, Digest), IndexError> {
+    let mut diff = Hashing {
+        inner: stream,
+        sha: None,
+        n: 0,
+        progress: None,
+        side: Some(SideHasher::start()),
+    };
+    let b = parse_tar(
+        BufReader::with_capacity(256 << 10, &mut diff),
+        layer,
+        limits,
+    )?;
+    let n = drain(&mut diff, layer)?;
+    let d = diff
+        .side
+        .take()
+        .map_or(Digest::from_bytes([0; 32]), SideHasher::finish);
+    Ok((b, n, d))
 }
 
 /// Reads the rest of the uncompressed stream; returns its total length.
