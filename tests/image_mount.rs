@@ -1067,6 +1067,56 @@ fn a_source_is_mounted_in_place() {
     second.unmount().unwrap();
 }
 
+/// A legacy docker-archive names no digest for its compressed layers: the first mount hashes
+/// them in place and remembers the result by the member's place and the archive's identity;
+/// a second mount finds the same indexes and shows the same tree. Rewriting the archive
+/// (new identity) makes the digests be computed again, never reused blindly.
+#[test]
+fn docker_archive_member_digests_are_remembered() {
+    if !mount_allowed() {
+        return;
+    }
+    let fx = Fixture::new(0);
+    let img = test_image();
+    let archive = fx.dir.join("image.tar");
+    write_docker_archive(&img, &archive);
+    let store = fx.dir.join("store");
+    let spec = format!("docker-archive:{}", archive.display());
+    let by_member = store.join("index/by-member");
+    let count = |d: &Path| fs::read_dir(d).map_or(0, |r| r.count());
+
+    let first = mount_image(&spec, &store, &[], &fx.mnt);
+    let listing = walk_all(&fx.mnt);
+    first.unmount().unwrap();
+    // The gzip and the zstd layer; the plain one is named by its DiffID.
+    assert_eq!(count(&by_member), 2);
+    let st = Store::open_or_create(&store).unwrap();
+    for l in &img.layers {
+        assert!(
+            st.index_path(&l.digest()).is_file(),
+            "index of {} cached",
+            l.digest()
+        );
+    }
+    let second = mount_image(&spec, &store, &[], &fx.mnt);
+    assert_eq!(walk_all(&fx.mnt), listing);
+    second.unmount().unwrap();
+    assert_eq!(count(&by_member), 2, "nothing new to remember");
+
+    // The same bytes in a new file: a new identity, hashed again, same digests.
+    let copy = fx.dir.join("copy.tar");
+    fs::copy(&archive, &copy).unwrap();
+    let third = mount_image(
+        &format!("docker-archive:{}", copy.display()),
+        &store,
+        &[],
+        &fx.mnt,
+    );
+    assert_eq!(walk_all(&fx.mnt), listing);
+    third.unmount().unwrap();
+    assert_eq!(count(&by_member), 4);
+}
+
 /// Moves the real layer blobs back into the store when dropped (also while panicking).
 struct BlobsBack {
     moved: PathBuf,
