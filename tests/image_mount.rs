@@ -1115,6 +1115,12 @@ fn docker_archive_member_digests_are_remembered() {
     assert_eq!(walk_all(&fx.mnt), listing);
     third.unmount().unwrap();
     assert_eq!(count(&by_member), 4);
+    // Nothing is named or mounted: gc drops the cached indexes and what pointed at them.
+    // (The daemons may still be exiting and holding their leases: retry briefly.)
+    assert!(common::wait_for(std::time::Duration::from_secs(10), || {
+        st.gc(None).unwrap();
+        count(&by_member) == 0 && count(&store.join("index/sha256")) == 0
+    }));
 }
 
 /// Moves the real layer blobs back into the store when dropped (also while panicking).

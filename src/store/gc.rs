@@ -245,6 +245,16 @@ impl Store {
                 report.freed_bytes += len;
             }
         }
+        // Remembered digests of archive members (see store::mount) whose layer is gone.
+        for (_, path, _) in files_in(&self.root().join("index/by-member"))? {
+            let keep = fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| t.trim().parse::<Digest>().ok())
+                .is_some_and(|d| layers.contains(&d));
+            if !keep {
+                fs::remove_file(&path)?;
+            }
+        }
         if live_objects.is_some() {
             for (d, path, len) in objects_in(self.root())? {
                 if let Some(d) = d
