@@ -118,6 +118,22 @@ pub fn sha256_of(bytes: &[u8]) -> Digest {
     Digest::from_bytes(Sha256::digest(bytes).into())
 }
 
+/// sha256 of everything `r` yields, streamed.
+pub fn sha256_of_reader(mut r: impl Read) -> io::Result<Digest> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        h.update(&buf[..n]);
+    }
+    Ok(Digest::from_bytes(h.finalize().into()))
+}
+
 /// Checks `bytes` against the digest and size a descriptor names; `what` names the blob.
 pub fn verify_bytes(
     bytes: &[u8],

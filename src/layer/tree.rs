@@ -307,16 +307,7 @@ impl VirtualLayer for TreeLayer {
             Some(b) => b as i64,
             None => (st.st_size + 511) / 512,
         };
-        let (s, ns) = (
-            m.mtime_ns.div_euclid(1_000_000_000),
-            m.mtime_ns.rem_euclid(1_000_000_000),
-        );
-        st.st_mtime = s;
-        st.st_mtime_nsec = ns;
-        st.st_atime = s;
-        st.st_atime_nsec = ns;
-        st.st_ctime = s;
-        st.st_ctime_nsec = ns;
+        super::virt::set_times(&mut st, m.mtime_ns);
         Ok(st)
     }
 

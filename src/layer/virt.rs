@@ -36,3 +36,15 @@ pub trait VirtualLayer: Send + Sync + std::fmt::Debug {
     /// A read-only fd with the content of regular file `id`.
     fn open(&self, id: EntryId) -> io::Result<OwnedFd>;
 }
+
+/// Sets the access, modification and change times of `st` to `mtime_ns` (ns since the
+/// epoch, possibly negative): a layer from a tar records one time per entry.
+pub fn set_times(st: &mut FileStat, mtime_ns: i64) {
+    let (s, ns) = (
+        mtime_ns.div_euclid(1_000_000_000),
+        mtime_ns.rem_euclid(1_000_000_000),
+    );
+    (st.st_mtime, st.st_mtime_nsec) = (s, ns);
+    (st.st_atime, st.st_atime_nsec) = (s, ns);
+    (st.st_ctime, st.st_ctime_nsec) = (s, ns);
+}

@@ -17,11 +17,9 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
-
-use sha2::{Digest as _, Sha256};
 
 use super::Digest;
 use super::layout::{Store, invalid};
@@ -116,17 +114,7 @@ fn objects_in(root: &Path) -> io::Result<Vec<(Option<Digest>, PathBuf, u64)>> {
 
 /// sha256 of a file, streamed.
 fn hash_file(p: &Path) -> io::Result<Digest> {
-    let mut f = fs::File::open(p)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(Digest::from_bytes(h.finalize().into()))
+    crate::image::blob::sha256_of_reader(fs::File::open(p)?)
 }
 
 fn digests_in(v: Option<&serde_json::Value>) -> Vec<&str> {

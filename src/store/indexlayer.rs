@@ -205,20 +205,11 @@ impl IndexLayer {
         if self.verified.has(sha) {
             return Ok(Some(f));
         }
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut r = &f;
-        loop {
-            let n = std::io::Read::read(&mut r, &mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        if Digest::from_bytes(h.finalize().into()) == *sha {
+        if crate::image::blob::sha256_of_reader(&f)? == *sha {
             self.verified.add(*sha);
-            // A fresh open: the hashing moved this one's offset to the end.
-            return Ok(Some(File::open(&path)?));
+            // The hashing moved the offset to the end.
+            std::io::Seek::seek(&mut &f, std::io::SeekFrom::Start(0))?;
+            return Ok(Some(f));
         }
         log::warn!(
             "object {}: content does not match; fetching it again",
@@ -300,13 +291,7 @@ impl VirtualLayer for IndexLayer {
             _ => 0,
         };
         st.st_blocks = (st.st_size + 511) / 512;
-        let (s, ns) = (
-            e.mtime_ns.div_euclid(1_000_000_000),
-            e.mtime_ns.rem_euclid(1_000_000_000),
-        );
-        (st.st_mtime, st.st_mtime_nsec) = (s, ns);
-        (st.st_atime, st.st_atime_nsec) = (s, ns);
-        (st.st_ctime, st.st_ctime_nsec) = (s, ns);
+        crate::layer::virt::set_times(&mut st, e.mtime_ns);
         Ok(st)
     }
 

@@ -111,7 +111,7 @@ fn member_digest(store: &Store, b: &image::BlobRef) -> std::io::Result<Digest> {
     {
         return Ok(d);
     }
-    let d = hash_range(b)?;
+    let d = image::blob::sha256_of_reader(b.open()?)?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -120,21 +120,6 @@ fn member_digest(store: &Store, b: &image::BlobRef) -> std::io::Result<Digest> {
     drop(f);
     store.publish_tmp(&tmp, &path)?;
     Ok(d)
-}
-
-fn hash_range(b: &image::BlobRef) -> std::io::Result<Digest> {
-    use sha2::{Digest as _, Sha256};
-    let mut r = b.open()?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = std::io::Read::read(&mut r, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(Digest::from_bytes(h.finalize().into()))
 }
 
 /// Imports `img` into the store as `name` (default: its tag, else its manifest digest),
@@ -221,22 +206,6 @@ fn index_range(at: &BlobAt, layer: &StoredLayer) -> Result<LayerIndex, String> {
     )
     .map_err(|e: IndexError| e.to_string())?;
     bar.done();
-    Ok(ix)
-}
-
-/// The cached index of `layer`, or a fresh one from its stored blob, cached for next time.
-pub fn layer_index(store: &Store, layer: &StoredLayer) -> Result<LayerIndex, String> {
-    if let Some(ix) = cached_index(store, layer) {
-        return Ok(ix);
-    }
-    let at = BlobAt {
-        path: store.blob_path(&layer.digest),
-        offset: 0,
-        len: layer.size,
-    };
-    let ix = index_range(&at, layer)?;
-    ix.write_atomic(&store.index_path(&layer.digest), &store.tmp_dir())
-        .map_err(|e| e.to_string())?;
     Ok(ix)
 }
 
