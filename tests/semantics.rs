@@ -2639,3 +2639,26 @@ fn readdir_offsets_are_stable_in_merged_dir() {
         }
     });
 }
+
+/// The suite runs a third time with UNIONMOUNT_TEST_VIRTUAL_LOWERS=1 (scripts/test.sh): this
+/// proves that run really serves the lowers from in-memory copies, which are taken at mount
+/// (a name added to a lower directory afterwards is not seen), instead of silently testing
+/// the directory path again. Without the variable the lower is read live and the name shows.
+#[test]
+fn virtual_lowers_hook_is_in_effect_when_set() {
+    if !common::mount_allowed() || common::is_kernel() {
+        return;
+    }
+    let virt = std::env::var_os("UNIONMOUNT_TEST_VIRTUAL_LOWERS").is_some();
+    let fx = Fixture::new(1);
+    fx.mkdir(&fx.lowers[0], "d", 0o755);
+    run(&fx, false, move |fx| {
+        fx.write(&fx.lowers[0], "d/late", b"added after mount", 0o644);
+        let names = list_dir(fx.m("d"));
+        if virt {
+            assert!(names.is_empty(), "virtual lowers are snapshots: {names:?}");
+        } else {
+            assert_eq!(names, ["late"]);
+        }
+    });
+}
