@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::TempDir;
+
 use common::{
     Fixture, MountGuard, alive, assert_file, assert_quiet_success, daemon_pids, is_mounted, kill,
     list_dir, mount_entry, os, text, umount2, unionmount_bin, wait_for, with_timeout,
@@ -14,7 +16,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::Mutex;
@@ -282,31 +284,6 @@ fn snapshot(root: &Path) -> Vec<String> {
         }
         out
     })
-}
-
-/// A directory outside the fixture (e.g. on /dev/shm), removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(base: &str, tag: &str) -> TempDir {
-        let p = PathBuf::from(base).join(format!(
-            "unionmount-cli-{tag}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        fs::create_dir(&p).unwrap();
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -965,7 +942,7 @@ fn rejects_workdir_on_another_filesystem() {
         return;
     }
     let fx = three_layers();
-    let shm = TempDir::new("/dev/shm", "work");
+    let shm = TempDir::new_in("/dev/shm", "work");
     let dev = |p: &Path| fs::metadata(p).unwrap().dev();
     assert_ne!(
         dev(&shm.0),

@@ -3,6 +3,10 @@
 //! and garbage-collected; every bad input is refused with an error naming the culprit and
 //! without writing anything into the store outside `tmp/`.
 
+mod common;
+
+use common::TempDir;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{Read, Write};
@@ -15,26 +19,6 @@ use unionmount::image::{self, ImageSource, Platform, ResolvedImage, media};
 use unionmount::store::{Compression, Digest, Store};
 
 // ---------- helpers ----------
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("um-image-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A layer tar holding the given regular files.
 fn layer_tar(files: &[(&str, &[u8])]) -> Vec<u8> {

@@ -1184,3 +1184,37 @@ pub fn assert_enoent(p: impl AsRef<Path>) {
 pub fn mode_of(p: impl AsRef<Path>) -> u32 {
     lstat(p).unwrap().mode() & 0o7777
 }
+
+/// A scratch directory, removed on drop: `new` under the system temp dir, `new_in` under
+/// `base` (e.g. /dev/shm for another filesystem). Names carry the pid and a timestamp.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        TempDir::new_in(&std::env::temp_dir().to_string_lossy(), tag)
+    }
+
+    pub fn new_in(base: &str, tag: &str) -> TempDir {
+        let p = PathBuf::from(base).join(format!(
+            "unionmount-test-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        fs::create_dir_all(&p).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
