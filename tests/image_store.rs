@@ -89,6 +89,22 @@ struct Oci {
     index: Vec<Value>,
 }
 
+/// A legacy docker-archive with one layer (`aaa/layer.tar`) and config `cfg_name`.
+fn write_legacy_one(path: &Path, layer: &[u8], cfg_name: &str, config: Vec<u8>) {
+    let manifest = json!([{"Config": cfg_name, "Layers": ["aaa/layer.tar"]}]);
+    write_tar(
+        path,
+        &[
+            ("aaa/layer.tar".into(), Member::File(layer.to_vec())),
+            (cfg_name.to_string(), Member::File(config)),
+            (
+                "manifest.json".into(),
+                Member::File(serde_json::to_vec(&manifest).unwrap()),
+            ),
+        ],
+    );
+}
+
 fn desc(media_type: &str, bytes: &[u8]) -> Value {
     json!({"mediaType": media_type, "digest": sha256_of(bytes).to_string(), "size": bytes.len()})
 }
@@ -1073,20 +1089,7 @@ fn bad_layer_count_differs_from_diff_ids() {
     let _ = path;
     let cfg_name = format!("{}.json", sha256_of(&config).hex());
     let p2 = t.path().join("count.tar");
-    write_tar(
-        &p2,
-        &[
-            ("aaa/layer.tar".into(), Member::File(tars[0].clone())),
-            (cfg_name.clone(), Member::File(config.clone())),
-            (
-                "manifest.json".into(),
-                Member::File(
-                    serde_json::to_vec(&json!([{"Config": cfg_name, "Layers": ["aaa/layer.tar"]}]))
-                        .unwrap(),
-                ),
-            ),
-        ],
-    );
+    write_legacy_one(&p2, &tars[0], &cfg_name, config.clone());
     refused(
         "docker-count",
         &format!("docker-archive:{}", p2.display()),
@@ -1146,20 +1149,7 @@ fn bad_blob_bytes_do_not_match_digest() {
     wrong.push(b'\n');
     let cfg_name = format!("{}.json", sha256_of(&config).hex());
     let p = t.path().join("cfg.tar");
-    write_tar(
-        &p,
-        &[
-            ("aaa/layer.tar".into(), Member::File(tars[0].clone())),
-            (cfg_name.clone(), Member::File(wrong)),
-            (
-                "manifest.json".into(),
-                Member::File(
-                    serde_json::to_vec(&json!([{"Config": cfg_name, "Layers": ["aaa/layer.tar"]}]))
-                        .unwrap(),
-                ),
-            ),
-        ],
-    );
+    write_legacy_one(&p, &tars[0], &cfg_name, wrong);
     refused(
         "docker-config",
         &format!("docker-archive:{}", p.display()),
@@ -1169,20 +1159,7 @@ fn bad_blob_bytes_do_not_match_digest() {
     let cfg2 = config_for(&[sha256_of(b"not this")]);
     let name2 = format!("{}.json", sha256_of(&cfg2).hex());
     let p2 = t.path().join("diffid.tar");
-    write_tar(
-        &p2,
-        &[
-            ("aaa/layer.tar".into(), Member::File(tars[0].clone())),
-            (name2.clone(), Member::File(cfg2)),
-            (
-                "manifest.json".into(),
-                Member::File(
-                    serde_json::to_vec(&json!([{"Config": name2, "Layers": ["aaa/layer.tar"]}]))
-                        .unwrap(),
-                ),
-            ),
-        ],
-    );
+    write_legacy_one(&p2, &tars[0], &name2, cfg2);
     refused(
         "docker-diffid",
         &format!("docker-archive:{}", p2.display()),
