@@ -180,11 +180,9 @@ pub fn write_layer(upper: &Path, out: impl Write) -> Result<u64, String> {
     let mut tar = tar::Builder::new(out);
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     let mut n = 0u64;
-    let empty = |_: &[u8]| -> libc::stat {
-        let mut st = crate::sys::zeroed_stat();
-        st.st_mode = libc::S_IFREG | 0o644;
-        st
-    };
+    // Whiteout and opaque markers: empty root-owned files.
+    let mut marker = crate::sys::zeroed_stat();
+    marker.st_mode = libc::S_IFREG | 0o644;
     // The root's own metadata (mode, owner, times, xattrs) as "./", as tar and docker write it.
     let root_st = root.stat_self().map_err(e)?;
     let root_x = user_xattrs(&root, None).map_err(e)?;
@@ -208,7 +206,7 @@ pub fn write_layer(upper: &Path, out: impl Write) -> Result<u64, String> {
                 &mut tar,
                 &p,
                 tar::EntryType::Regular,
-                &empty(&p),
+                &marker,
                 None,
                 &[],
                 &mut io::empty(),
@@ -242,7 +240,7 @@ pub fn write_layer(upper: &Path, out: impl Write) -> Result<u64, String> {
                     &mut tar,
                     &wh,
                     tar::EntryType::Regular,
-                    &empty(&wh),
+                    &marker,
                     None,
                     &[],
                     &mut io::empty(),
