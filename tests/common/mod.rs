@@ -734,6 +734,53 @@ pub fn daemon_pids(mnt: &Path) -> Vec<i32> {
     pids
 }
 
+/// Processes holding a file, cwd or root under `mnt` (from /proc/*/{fd,cwd,root}):
+/// "pid (comm)" for each, to say who made an unmount busy.
+pub fn holders_of(mnt: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let mut links: Vec<PathBuf> = vec![e.path().join("cwd"), e.path().join("root")];
+        if let Ok(fds) = fs::read_dir(e.path().join("fd")) {
+            links.extend(fds.flatten().map(|f| f.path()));
+        }
+        if links
+            .iter()
+            .any(|l| fs::read_link(l).is_ok_and(|t| t.starts_with(mnt)))
+        {
+            let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            found.push(format!("{pid} ({})", comm.trim()));
+        }
+    }
+    found
+}
+
+/// `umount mnt`, retried for up to 5 s while it says "target is busy". The tests of one
+/// binary run on parallel threads, and a child another thread forks holds a copy of this
+/// thread's (close-on-exec) fds until it execs: a file this thread just closed can keep
+/// the mount busy for that moment. Each busy attempt logs who held the mount.
+pub fn umount_busy_tolerant(mnt: &Path) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = run_prog_within(30, "umount", vec![os(mnt)]);
+        let busy = text(&out.stderr).contains("target is busy");
+        if !busy || Instant::now() > deadline {
+            return out;
+        }
+        eprintln!(
+            "umount {}: busy, held by {:?}; retrying",
+            mnt.display(),
+            holders_of(mnt)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `pid` exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
