@@ -465,16 +465,36 @@ impl Union {
             let sub = open_at(u2, n2, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0)?;
             super::whiteout::clear_markers(sub.as_fd())?;
         }
-        if src_dir && dslot.whiteout {
-            // A directory cannot replace a non-directory: drop the whiteout first.
-            nix::unistd::unlinkat(u2, n2, UnlinkatFlags::NoRemoveDir).map_err(nix_err)?;
-        }
         let below_dst = src_dir && self.is_merged(&pn2);
+        if below_dst {
+            // Opaque before it moves, so that a crash can never show it merged with what is
+            // below its new name. It is a pure upper dir: at its old name the mark hides
+            // nothing.
+            self.markers.set_opaque(u1, n1)?;
+        }
+        let mut done = false;
+        if src_dir && dslot.whiteout {
+            // A directory cannot replace a non-directory. A char-device whiteout is swapped
+            // with it in one step (the whiteout lands at the old name, where it stays if
+            // something is below, else goes); other dialects are dropped first.
+            let chardev = crate::layer::try_stat_at(u2, n2)?
+                .is_some_and(|st| super::whiteout::is_chardev_whiteout(&st));
+            if chardev
+                && nix::fcntl::renameat2(u1, n1, u2, n2, RenameFlags::RENAME_EXCHANGE).is_ok()
+            {
+                done = true;
+                if !below_src {
+                    nix::unistd::unlinkat(u1, n1, UnlinkatFlags::NoRemoveDir).map_err(nix_err)?;
+                }
+            } else {
+                nix::unistd::unlinkat(u2, n2, UnlinkatFlags::NoRemoveDir).map_err(nix_err)?;
+            }
+        }
         if dst_kind.is_some() {
             self.forget_if_last_link(u2, n2)?;
         }
-        let mut done = false;
-        if below_src
+        if !done
+            && below_src
             && self
                 .markers
                 .chardev
@@ -490,9 +510,6 @@ impl Union {
         }
         if dslot.oci_whiteout {
             self.unlink_oci_whiteout(u2, n2)?;
-        }
-        if below_dst {
-            self.markers.set_opaque(u2, n2)?;
         }
         pn1.changed();
         pn2.changed();
