@@ -407,6 +407,68 @@ fn mount_rw(fx: &Fixture) -> MountGuard {
     mount(&Driver::Unionmount, fx, true, &[]).unwrap_or_else(|e| panic!("mount: {e}"))
 }
 
+/// The syscalls that change the upper or the workdir: in a slowed mount each one sleeps
+/// after it returns, so that a kill falls between two steps of one operation (between a
+/// copy's data and its metadata and its rename, between a whiteout and an opaque mark).
+const SLOW_CALLS: &str = "renameat2,renameat,unlinkat,mknodat,linkat,mkdirat,symlinkat,\
+setxattr,lsetxattr,fsetxattr,removexattr,lremovexattr,fremovexattr,fchownat,fchown,\
+fchmodat,fchmod,utimensat,copy_file_range,ftruncate";
+/// Sleep after each slowed syscall.
+const SLOW_US: u64 = 3000;
+
+/// Whether the daemon can be slowed with strace's delay injection (`UNIONMOUNT_CRASH_SLOW=0`
+/// turns it off). Without strace, every kill uses the plain daemon and the report says so.
+fn strace_can_slow() -> bool {
+    if std::env::var("UNIONMOUNT_CRASH_SLOW").as_deref() == Ok("0") {
+        return false;
+    }
+    Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-e"])
+        .arg(format!("trace={SLOW_CALLS}"))
+        .arg("-e")
+        .arg(format!("inject={SLOW_CALLS}:delay_exit=1"))
+        .arg("true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Mounts `fx` read-write with the daemon running under strace, which delays every
+/// syscall in [`SLOW_CALLS`]. Returns the guard and the strace process (reaped by the
+/// caller once the daemon is dead).
+fn mount_rw_slow(fx: &Fixture) -> (MountGuard, std::process::Child) {
+    let guard = MountGuard::adopt(&fx.mnt);
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        fx.lowers[0].display(),
+        fx.upper.display(),
+        fx.work.display()
+    );
+    let child = Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-e"])
+        .arg(format!("trace={SLOW_CALLS}"))
+        .arg("-e")
+        .arg(format!("inject={SLOW_CALLS}:delay_exit={SLOW_US}"))
+        .arg(unionmount_bin())
+        .arg("-o")
+        .arg(opts)
+        .arg(&fx.mnt)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn strace");
+    assert!(
+        wait_for(Duration::from_secs(30), || is_mounted(&fx.mnt)
+            && daemon_pids(&fx.mnt).len() == 1),
+        "slowed mount of {} did not come up",
+        fx.mnt.display()
+    );
+    (guard, child)
+}
+
 /// Runs `f(mnt)` under a timeout.
 fn through<T: Send + 'static>(
     mnt: &Path,
@@ -465,7 +527,10 @@ fn fs_scenario(scenario: &str, fx: &Fixture, ops: &[FsOp], sparse: &[&str], max_
     let kills = kills_per_scenario();
     let mut rng = Rng::new(scenario);
     let mut tally = Tally::default();
-    let max_us = max_delay.as_micros() as u64;
+    let can_slow = strace_can_slow();
+    // How long each operation takes (plain, slowed): kills are spread over 0..1.3x that.
+    let mut took: BTreeMap<(&str, bool), u64> = BTreeMap::new();
+    let mut slowed = 0;
     for i in 0..kills {
         let op = &ops[rng.below(ops.len() as u64) as usize];
         *tally.by_op.entry(op.name.to_string()).or_default() += 1;
@@ -473,7 +538,14 @@ fn fs_scenario(scenario: &str, fx: &Fixture, ops: &[FsOp], sparse: &[&str], max_
         clear_dir(&fx.work);
 
         // 1. the before-state
-        let guard = mount_rw(fx);
+        let slow = can_slow && rng.below(2) == 0;
+        let (guard, tracer) = if slow {
+            slowed += 1;
+            let (g, c) = mount_rw_slow(fx);
+            (g, Some(c))
+        } else {
+            (mount_rw(fx), None)
+        };
         let prep = op.prep;
         through(&fx.mnt, &format!("{}: prep", op.name), prep);
         let before = snapshot_within(&fx.mnt);
@@ -483,7 +555,12 @@ fn fs_scenario(scenario: &str, fx: &Fixture, ops: &[FsOp], sparse: &[&str], max_
         // 2. the kill
         let phase = Arc::new(AtomicU8::new(PH_NOT_STARTED));
         let early = rng.below(5) == 0;
-        let delay = Duration::from_micros(rng.below(max_us + 1));
+        let est = *took.entry((op.name, slow)).or_insert(if slow {
+            50_000
+        } else {
+            max_delay.as_micros() as u64
+        });
+        let delay = Duration::from_micros(rng.below(est * 13 / 10 + 1));
         let runner = if early {
             None
         } else {
@@ -492,9 +569,10 @@ fn fs_scenario(scenario: &str, fx: &Fixture, ops: &[FsOp], sparse: &[&str], max_
             let f = op.op;
             let h = std::thread::spawn(move || {
                 ph.store(PH_RUNNING, Ordering::SeqCst);
+                let t0 = Instant::now();
                 let r = f(&m);
                 ph.store(PH_DONE, Ordering::SeqCst);
-                r
+                r.map(|()| t0.elapsed())
             });
             std::thread::sleep(delay);
             Some(h)
@@ -513,14 +591,22 @@ fn fs_scenario(scenario: &str, fx: &Fixture, ops: &[FsOp], sparse: &[&str], max_
         if let Some(h) = runner {
             // The dead connection fails whatever the operation still asks (ENOTCONN).
             let r = with_timeout(60, move || h.join());
-            if let Ok(Err(e)) = r
-                && at_kill == PH_DONE
-            {
-                panic!("{}: the operation failed before the kill: {e}", op.name);
+            match r {
+                Ok(Err(e)) if at_kill == PH_DONE => {
+                    panic!("{}: the operation failed before the kill: {e}", op.name)
+                }
+                Ok(Ok(t)) if at_kill == PH_DONE => {
+                    // It finished before the kill: aim the next kills of it closer.
+                    took.insert((op.name, slow), (t.as_micros() as u64).max(100));
+                }
+                _ => {}
             }
         }
         detach_dead_mount(&fx.mnt);
         drop(guard);
+        if let Some(mut c) = tracer {
+            let _ = with_timeout(30, move || c.wait());
+        }
         tally.kills += 1;
 
         // 3. the raw upper
@@ -563,7 +649,10 @@ fn fs_scenario(scenario: &str, fx: &Fixture, ops: &[FsOp], sparse: &[&str], max_
         // 5. redo, usable, clean unmount
         if state != "after" {
             let f = op.op;
+            let t0 = Instant::now();
             through(&fx.mnt, &format!("{}: redo", op.name), f);
+            // The plain daemon's time for it: a base for the plain kills' delays.
+            took.insert((op.name, false), (t0.elapsed().as_micros() as u64).max(100));
             let redone = snapshot_within(&fx.mnt);
             let d = tree_diff(&redone, &after);
             assert!(
@@ -582,6 +671,10 @@ fn fs_scenario(scenario: &str, fx: &Fixture, ops: &[FsOp], sparse: &[&str], max_
             .unmount()
             .unwrap_or_else(|e| panic!("{}: unmount after the checks: {e}", op.name));
         assert_eq!(work_leftovers(&fx.work), Vec::<PathBuf>::new());
+    }
+    *tally.by_op.entry("slowed".into()).or_default() += slowed;
+    if !can_slow {
+        println!("crash[{scenario}]: strace cannot delay syscalls here: no slowed kills");
     }
     tally.print(scenario, started);
 }
