@@ -10,8 +10,11 @@
 //! 1. fresh upper and work, mount, run the scenario's preparation through the mount and take
 //!    the merged tree as the before-state; the after-state is computed from it by the
 //!    scenario's model (never by running the operation);
-//! 2. run the operation on a thread, SIGKILL the daemon after a random delay (a fifth of
-//!    the kills come before the operation starts), detach the dead mount;
+//! 2. run the operation on a thread, SIGKILL the daemon after a random delay within 1.3x
+//!    the operation's measured time (a fifth of the kills come before it starts), detach the
+//!    dead mount. Half the kills run the daemon under strace delay injection (3 ms after
+//!    each syscall that changes the upper or workdir, `UNIONMOUNT_CRASH_SLOW=0` turns it
+//!    off), so that kills fall between the steps of one operation, not only around it;
 //! 3. check the raw upper: every regular file in it is complete, i.e. equal (bytes, mode,
 //!    owner, mtime, xattrs) to its lower source or to its before- or after-state, and a
 //!    complete copy of a sparse file kept its holes;
