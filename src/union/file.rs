@@ -93,14 +93,25 @@ impl Union {
         let flags = of.bits();
         // Through the cached parent directory: one openat of one name, never following it.
         let (dir, name) = self.parent_in(node, li)?;
-        match dir.open(&name, of) {
+        // The upper changes under us: check that the name still holds the node's object
+        // before opening it (never open a whiteout device, or another file renamed over
+        // it), and that what was opened is that object.
+        let upper = self.is_upper(li);
+        if upper && !self.is_node_object(node, &dir.stat(&name)?) {
+            return Err(err(libc::ENOENT));
+        }
+        let fd = match dir.open(&name, of) {
             // O_NOATIME is refused for files the caller does not own: drop it, as it is only
             // an optimisation.
             Err(e) if e.raw_os_error() == Some(libc::EPERM) && flags & libc::O_NOATIME != 0 => {
                 dir.open(&name, of & !OFlag::O_NOATIME)
             }
             r => r,
+        }?;
+        if upper && !self.is_node_object(node, &nix::sys::stat::fstat(&fd).map_err(nix_err)?) {
+            return Err(err(libc::ENOENT));
         }
+        Ok(fd)
     }
 
     pub fn open(&self, ino: NodeId, flags: i32) -> io::Result<u64> {

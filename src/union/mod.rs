@@ -463,13 +463,24 @@ impl Union {
             return Err(err(libc::ENOTDIR));
         }
         if let Some(n) = self.nodes.touch(parent, &name.to_os_string()) {
-            return match self.getattr(&n) {
-                Ok(attr) => Ok((n, attr)),
+            // The binding may be stale for a moment (a racing unlink or rename has changed
+            // the name but not yet the table): the node is the answer only if this very
+            // name still holds its object; otherwise what the layers hold now decides.
+            let here = self
+                .dir_in(&pnode, n.top_layer())
+                .and_then(|d| d.try_stat(name));
+            match here {
+                Ok(Some(st)) if self.is_node_object(&n, &st) => {
+                    return Ok((n.clone(), self.finish_attr(&n, st)));
+                }
+                Ok(_) => self.nodes.forget(n.id, 1),
                 Err(e) => {
                     self.nodes.forget(n.id, 1);
-                    Err(e)
+                    if e.raw_os_error() != Some(libc::ENOENT) {
+                        return Err(e);
+                    }
                 }
-            };
+            }
         }
         let (found, st) = self
             .resolve(&pnode, name)?
@@ -576,14 +587,29 @@ impl Union {
         if node.id == node::ROOT_ID {
             return self.layers[li].root_stat();
         }
-        match self.parent_in(node, li) {
-            Ok((dir, name)) => dir.stat(&name),
+        match self
+            .parent_in(node, li)
+            .and_then(|(dir, name)| dir.stat(&name))
+        {
+            Ok(st) if self.is_node_object(node, &st) => Ok(st),
+            // The name was just replaced (a whiteout, a renamed-over object) by an unlink or
+            // rename the node table has not caught up with: never report that object.
+            Ok(_) => self.stat_open(node).ok_or_else(|| err(libc::ENOENT)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 // Unlinked but open: answer from an open handle.
                 self.stat_open(node).ok_or(e)
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Is `st`, found at one of `node`'s names, the node's own object? Between the syscall
+    /// of an unlink or rename and its update of the node table, a name can already hold a
+    /// whiteout or another object; a getattr, open or setattr racing with it must not take
+    /// that for the node.
+    pub(crate) fn is_node_object(&self, node: &Node, st: &FileStat) -> bool {
+        crate::layer::file_type(st) == node.kind
+            && self.nodes.inos.peek(RealId::of(st)) == Some(node.ino)
     }
 
     pub fn getattr(&self, node: &Node) -> io::Result<Attr> {

@@ -567,6 +567,11 @@ impl Union {
         self.copy_up(&node, data)?;
         let (dir, name) = self.parent_in(&node, 0)?;
         let dir = dir.fd()?;
+        // A racing unlink or rename may have put a whiteout or another object at the name
+        // (see `is_node_object`): never change that one. Nothing below follows a symlink.
+        if !self.is_node_object(&node, &stat_at(dir, &name)?) {
+            return Err(err(libc::ENOENT));
+        }
         if uid.is_some() || gid.is_some() {
             nix::unistd::fchownat(
                 dir,
@@ -585,7 +590,7 @@ impl Union {
                 dir,
                 name.as_os_str(),
                 Mode::from_bits_truncate(m & 0o7777),
-                nix::sys::stat::FchmodatFlags::FollowSymlink,
+                nix::sys::stat::FchmodatFlags::NoFollowSymlink,
             )
             .map_err(nix_err)?;
         }
@@ -598,7 +603,11 @@ impl Union {
                     nix::unistd::ftruncate(h.file().as_fd(), sz as i64).map_err(nix_err)?
                 }
                 _ => {
-                    let f = open_at(dir, &name, OFlag::O_WRONLY, 0)?;
+                    let f = open_at(dir, &name, OFlag::O_WRONLY | OFlag::O_NONBLOCK, 0)?;
+                    let st = nix::sys::stat::fstat(&f).map_err(nix_err)?;
+                    if !self.is_node_object(&node, &st) {
+                        return Err(err(libc::ENOENT));
+                    }
                     nix::unistd::ftruncate(&f, sz as i64).map_err(nix_err)?;
                 }
             }
@@ -614,7 +623,6 @@ impl Union {
             )
             .map_err(nix_err)?;
         }
-        let st = stat_at(dir, &name)?;
-        Ok(self.finish_attr(&node, st))
+        self.getattr(&node)
     }
 }

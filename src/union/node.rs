@@ -115,6 +115,11 @@ impl InoTable {
             .or_insert_with(|| self.next.fetch_add(1, Ordering::Relaxed))
     }
 
+    /// The number `id` reports, if it has one (never allocates).
+    pub fn peek(&self, id: RealId) -> Option<u64> {
+        self.map.get(&id).map(|v| *v)
+    }
+
     /// Makes `id` report `ino` (after copy-up, a link, or a rename into place).
     pub fn set(&self, id: RealId, ino: u64) {
         self.map.insert(id, ino);
