@@ -368,6 +368,12 @@ impl MountGuard {
         }
     }
 
+    /// `/sys/fs/fuse/connections/<minor>` of this FUSE mount (None for kernel overlayfs):
+    /// a watchdog reads `waiting` there and writes `abort` to end a wedged connection.
+    pub fn fuse_conn(&self) -> Option<&Path> {
+        self.fuse_conn.as_deref()
+    }
+
     /// Unmount now and report failure (drop does the same but only logs).
     pub fn unmount(mut self) -> io::Result<()> {
         let r = self.do_unmount();
@@ -1031,6 +1037,22 @@ pub fn set_times(p: &Path, atime: (i64, i64), mtime: (i64, i64)) -> io::Result<(
             c.as_ptr(),
             ts.as_ptr(),
             libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(|_| ())
+}
+
+/// renameat2(2) with `flags` (`libc::RENAME_NOREPLACE`, `RENAME_EXCHANGE`, ...).
+pub fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
+    let (a, b) = (cpath(from), cpath(to));
+    // SAFETY: valid NUL-terminated paths.
+    cvt(unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
         )
     })
     .map(|_| ())
