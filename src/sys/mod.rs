@@ -153,6 +153,54 @@ pub fn ficlone(dst: BorrowedFd, src: BorrowedFd) -> io::Result<()> {
     check(unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) }).map(drop)
 }
 
+/// Room for the opaque part of a file handle (MAX_HANDLE_SZ in the kernel).
+const MAX_HANDLE_BYTES: usize = 128;
+
+/// The file handle of `name` in `dir` (not following a symlink there): the kernel's
+/// `struct file_handle` as bytes, for `open_by_handle`. Handles name an object, not a
+/// path: a rename does not change it.
+pub fn name_to_handle(dir: BorrowedFd, name: &OsStr) -> io::Result<Vec<u8>> {
+    let c = cstr(name.as_bytes())?;
+    let head = std::mem::size_of::<libc::file_handle>();
+    // u32-aligned storage for the header (two c_int-sized fields) and the opaque bytes.
+    let mut buf = vec![0u32; (head + MAX_HANDLE_BYTES).div_ceil(4)];
+    let fh = buf.as_mut_ptr().cast::<libc::file_handle>();
+    // SAFETY: `fh` points at zeroed, 4-aligned storage of head + MAX_HANDLE_BYTES bytes.
+    unsafe { (*fh).handle_bytes = MAX_HANDLE_BYTES as libc::c_uint };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `c` is a NUL-terminated name; `fh` has room for `handle_bytes` opaque bytes
+    // after its header; `mount_id` is a live c_int. Flag 0: a final symlink is not followed.
+    check(unsafe { libc::name_to_handle_at(dir.as_raw_fd(), c.as_ptr(), fh, &mut mount_id, 0) })?;
+    // SAFETY: the kernel filled in the header; handle_bytes <= MAX_HANDLE_BYTES.
+    let n = unsafe { (*fh).handle_bytes } as usize;
+    let bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    Ok(bytes[..head + n.min(MAX_HANDLE_BYTES)].to_vec())
+}
+
+/// Opens the object `handle` (from `name_to_handle`) names on the filesystem of
+/// `mount_fd`. Needs CAP_DAC_READ_SEARCH (EPERM otherwise); ESTALE once the object is gone.
+pub fn open_by_handle(mount_fd: BorrowedFd, handle: &[u8], flags: i32) -> io::Result<OwnedFd> {
+    let head = std::mem::size_of::<libc::file_handle>();
+    if handle.len() < head || handle.len() > head + MAX_HANDLE_BYTES {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut buf = vec![0u32; handle.len().div_ceil(4)];
+    // SAFETY: `buf` has at least handle.len() bytes; the regions do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(handle.as_ptr(), buf.as_mut_ptr().cast::<u8>(), handle.len())
+    };
+    // SAFETY: `buf` holds a complete, 4-aligned file_handle as the kernel wrote it.
+    let fd = check(unsafe {
+        libc::open_by_handle_at(
+            mount_fd.as_raw_fd(),
+            buf.as_mut_ptr().cast::<libc::file_handle>(),
+            flags | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: the kernel just returned this fd and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// lseek that returns the raw errno (ENXIO for SEEK_DATA/SEEK_HOLE past the end).
 pub fn lseek(fd: BorrowedFd, off: i64, whence: i32) -> io::Result<i64> {
     // SAFETY: fd is live; lseek has no memory arguments.

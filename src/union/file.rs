@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use nix::fcntl::OFlag;
 
 use super::copyup::Data;
+use super::io_stale;
 use super::node::{Node, NodeId};
 use super::readdir::{self, DirEntry, Listing};
 use super::{Ctx, Union, err, nix_err};
@@ -90,6 +91,21 @@ impl Union {
     }
 
     fn open_at_parent(&self, node: &Node, li: usize, of: OFlag) -> io::Result<OwnedFd> {
+        match super::retry_stale(|| self.open_at_parent_once(node, li, of)) {
+            // The name keeps holding something else: the node's object by its handle (the
+            // open a local filesystem gives through the inode the path walk found).
+            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => self
+                .open_by_handle(
+                    node,
+                    li,
+                    (of & !(OFlag::O_NOFOLLOW | OFlag::O_CREAT)).bits(),
+                )
+                .map_err(|_| e),
+            r => r,
+        }
+    }
+
+    fn open_at_parent_once(&self, node: &Node, li: usize, of: OFlag) -> io::Result<OwnedFd> {
         let flags = of.bits();
         // Through the cached parent directory: one openat of one name, never following it.
         let (dir, name) = self.parent_in(node, li)?;
@@ -97,8 +113,8 @@ impl Union {
         // before opening it (never open a whiteout device, or another file renamed over
         // it), and that what was opened is that object.
         let upper = self.is_upper(li);
-        if upper && !self.is_node_object(node, &dir.stat(&name)?) {
-            return Err(err(libc::ENOENT));
+        if upper && !self.is_node_object(node, &dir.stat(&name).map_err(io_stale)?) {
+            return Err(err(libc::ESTALE));
         }
         let fd = match dir.open(&name, of) {
             // O_NOATIME is refused for files the caller does not own: drop it, as it is only
@@ -106,10 +122,19 @@ impl Union {
             Err(e) if e.raw_os_error() == Some(libc::EPERM) && flags & libc::O_NOATIME != 0 => {
                 dir.open(&name, of & !OFlag::O_NOATIME)
             }
+            // A whiteout (char device 0/0: ENXIO) or nothing put at the name since the check.
+            Err(e) if upper && matches!(e.raw_os_error(), Some(libc::ENXIO | libc::ENOENT)) => {
+                Err(err(libc::ESTALE))
+            }
             r => r,
         }?;
-        if upper && !self.is_node_object(node, &nix::sys::stat::fstat(&fd).map_err(nix_err)?) {
-            return Err(err(libc::ENOENT));
+        if upper {
+            if !self.is_node_object(node, &nix::sys::stat::fstat(&fd).map_err(nix_err)?) {
+                return Err(err(libc::ESTALE));
+            }
+            if node.handle.get().is_none() {
+                self.note_handle_at(node, dir.fd()?, &name);
+            }
         }
         Ok(fd)
     }
@@ -432,8 +457,41 @@ impl Union {
         if node.kind != libc::S_IFLNK {
             return Err(err(libc::EINVAL));
         }
-        let (dir, name) = self.parent_in(&node, node.top_layer())?;
-        let t = dir.readlink(&name)?;
+        let li = node.top_layer();
+        if !self.is_upper(li) {
+            let (dir, name) = self.parent_in(&node, li)?;
+            return Ok(dir.readlink(&name)?.as_bytes().to_vec());
+        }
+        match super::retry_stale(|| self.readlink_upper(&node, li)) {
+            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => {
+                let fd = self
+                    .open_by_handle(&node, li, libc::O_PATH)
+                    .map_err(|_| e)?;
+                Ok(nix::fcntl::readlinkat(&fd, "")
+                    .map_err(nix_err)?
+                    .as_bytes()
+                    .to_vec())
+            }
+            r => r,
+        }
+    }
+
+    fn readlink_upper(&self, node: &Node, li: usize) -> io::Result<Vec<u8>> {
+        use std::os::unix::ffi::OsStrExt;
+        let (dir, name) = self.parent_in(node, li)?;
+        // The upper changes under us: read the link through an O_PATH fd of the very object
+        // found to be the node's, never whatever a racing rename or unlink left at the name.
+        let fd = nix::fcntl::openat(
+            dir.fd()?,
+            name.as_os_str(),
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| io_stale(nix_err(e)))?;
+        if !self.is_node_object(node, &nix::sys::stat::fstat(&fd).map_err(nix_err)?) {
+            return Err(err(libc::ESTALE));
+        }
+        let t = nix::fcntl::readlinkat(&fd, "").map_err(nix_err)?;
         Ok(t.as_bytes().to_vec())
     }
 

@@ -44,6 +44,32 @@ pub fn err(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
 }
 
+/// Runs `f` again, a few times, while it answers ESTALE: a racing unlink or rename updates
+/// the node table microseconds after its syscall, and the retry finds the node where the
+/// table then says it is. ESTALE after that goes to the kernel (see `io_stale`).
+pub(crate) fn retry_stale<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(e) if e.raw_os_error() == Some(libc::ESTALE) && tries < 6 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_micros(20 << tries));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// ENOENT at a name the kernel reached a node by means the name changed under the
+/// request: ESTALE, so the kernel walks the path again (see `Union::is_node_object`).
+pub(crate) fn io_stale(e: io::Error) -> io::Error {
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        err(libc::ESTALE)
+    } else {
+        e
+    }
+}
+
 pub fn nix_err(e: nix::Error) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
 }
@@ -77,6 +103,8 @@ pub struct Union {
     pub has_upper: bool,
     /// `WORKDIR/work`: staging area on the upper's filesystem.
     work: Option<OwnedFd>,
+    /// The upper filesystem gives file handles (cleared on the first EOPNOTSUPP).
+    handle_ok: std::sync::atomic::AtomicBool,
     pub nodes: NodeTable,
     pub(crate) handles: DashMap<u64, Arc<file::Handle>>,
     pub(crate) cache: dircache::DirCache,
@@ -172,6 +200,7 @@ impl Union {
         let root_layers = (0..layers.len()).collect();
         let can_chown = crate::sys::geteuid() == 0;
         Ok(Union {
+            handle_ok: std::sync::atomic::AtomicBool::new(true),
             nodes: NodeTable::new(root_layers, RealId::of(&root_st)),
             layers,
             has_upper,
@@ -525,6 +554,9 @@ impl Union {
         let parent = pnode.id;
         let upper = self.is_upper(found.layers[0]);
         let node = self.nodes.bind(parent, name.to_os_string(), found, upper);
+        if upper {
+            self.note_handle(&node, pnode, name);
+        }
         if !upper && self.is_upper(node.top_layer()) {
             // A hard link whose sibling was copied up: the node is upper now, so this name
             // is linked into the upper too (and its attributes come from there).
@@ -587,14 +619,26 @@ impl Union {
         if node.id == node::ROOT_ID {
             return self.layers[li].root_stat();
         }
-        match self
-            .parent_in(node, li)
-            .and_then(|(dir, name)| dir.stat(&name))
-        {
-            Ok(st) if self.is_node_object(node, &st) => Ok(st),
-            // The name was just replaced (a whiteout, a renamed-over object) by an unlink or
-            // rename the node table has not caught up with: never report that object.
-            Ok(_) => self.stat_open(node).ok_or_else(|| err(libc::ENOENT)),
+        let at_name = || {
+            let (dir, name) = self.parent_in(node, li)?;
+            match dir.stat(&name) {
+                Ok(st) if self.is_node_object(node, &st) => Ok(st),
+                // The name was just replaced (a whiteout, a renamed-over object) or moved by
+                // an unlink or rename the node table has not caught up with: never report
+                // that object, look again where the table then says the node is.
+                Ok(_) => Err(err(libc::ESTALE)),
+                Err(e) if self.is_upper(li) => Err(io_stale(e)),
+                Err(e) => Err(e),
+            }
+        };
+        match retry_stale(at_name) {
+            Ok(st) => Ok(st),
+            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => match self.stat_open(node) {
+                Some(st) => Ok(st),
+                None => self
+                    .open_by_handle(node, li, libc::O_PATH)
+                    .and_then(|fd| nix::sys::stat::fstat(&fd).map_err(nix_err)),
+            },
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 // Unlinked but open: answer from an open handle.
                 self.stat_open(node).ok_or(e)
@@ -607,9 +651,65 @@ impl Union {
     /// of an unlink or rename and its update of the node table, a name can already hold a
     /// whiteout or another object; a getattr, open or setattr racing with it must not take
     /// that for the node.
+    ///
+    /// When the answer is no, a request reaching the node by name answers ESTALE: the kernel
+    /// then walks the path again with revalidation (`retry_estale`) and finds what the name
+    /// holds now, which is what the same race gives on a local filesystem.
     pub(crate) fn is_node_object(&self, node: &Node, st: &FileStat) -> bool {
         crate::layer::file_type(st) == node.kind
             && self.nodes.inos.peek(RealId::of(st)) == Some(node.ino)
+    }
+
+    /// Remembers the file handle of `node`'s upper object at `name` in `pnode` (once).
+    pub(crate) fn note_handle(&self, node: &Node, pnode: &Node, name: &OsStr) {
+        if node.handle.get().is_some() {
+            return;
+        }
+        if let Ok(dir) = self.dir_in(pnode, 0)
+            && let Ok(fd) = dir.fd()
+        {
+            self.note_handle_at(node, fd, name);
+        }
+    }
+
+    /// `note_handle` with the upper directory's fd at hand.
+    pub(crate) fn note_handle_at(&self, node: &Node, dir: std::os::fd::BorrowedFd, name: &OsStr) {
+        if node.handle.get().is_some() || !self.handle_ok.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        match crate::sys::name_to_handle(dir, name) {
+            Ok(h) => {
+                let _ = node.handle.set(h);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                // The upper filesystem has no file handles: stop asking.
+                self.handle_ok
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Opens `node`'s object in upper layer `li` by its file handle, checked to be the
+    /// node's: ESTALE when there is no handle, the object is gone, or handles cannot be
+    /// opened here (open_by_handle_at needs CAP_DAC_READ_SEARCH).
+    pub(crate) fn open_by_handle(
+        &self,
+        node: &Node,
+        li: usize,
+        flags: i32,
+    ) -> io::Result<std::os::fd::OwnedFd> {
+        let stale = || err(libc::ESTALE);
+        let h = node.handle.get().ok_or_else(stale)?;
+        let fd =
+            crate::sys::open_by_handle(self.layers[li].root(), h, flags).map_err(|_| stale())?;
+        let st = nix::sys::stat::fstat(&fd).map_err(nix_err)?;
+        if self.is_node_object(node, &st) {
+            Ok(fd)
+        } else {
+            Err(stale())
+        }
     }
 
     pub fn getattr(&self, node: &Node) -> io::Result<Attr> {

@@ -569,8 +569,8 @@ impl Union {
         let dir = dir.fd()?;
         // A racing unlink or rename may have put a whiteout or another object at the name
         // (see `is_node_object`): never change that one. Nothing below follows a symlink.
-        if !self.is_node_object(&node, &stat_at(dir, &name)?) {
-            return Err(err(libc::ENOENT));
+        if !self.is_node_object(&node, &stat_at(dir, &name).map_err(super::io_stale)?) {
+            return Err(err(libc::ESTALE));
         }
         if uid.is_some() || gid.is_some() {
             nix::unistd::fchownat(
@@ -606,7 +606,7 @@ impl Union {
                     let f = open_at(dir, &name, OFlag::O_WRONLY | OFlag::O_NONBLOCK, 0)?;
                     let st = nix::sys::stat::fstat(&f).map_err(nix_err)?;
                     if !self.is_node_object(&node, &st) {
-                        return Err(err(libc::ENOENT));
+                        return Err(err(libc::ESTALE));
                     }
                     nix::unistd::ftruncate(&f, sz as i64).map_err(nix_err)?;
                 }

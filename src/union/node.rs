@@ -50,6 +50,10 @@ pub struct Node {
     generation: AtomicU64,
     /// A directory whose subdirectories were handed to the prefetcher (once per node).
     pub prefetched: std::sync::atomic::AtomicBool,
+    /// The file handle of the node's upper object, once seen (`sys::name_to_handle`): how a
+    /// request reaches the object while a racing rename or unlink has moved its name and
+    /// the table has not caught up (see `Union::is_node_object`).
+    pub handle: std::sync::OnceLock<Vec<u8>>,
 }
 
 impl Node {
@@ -120,6 +124,14 @@ impl InoTable {
         self.map.get(&id).map(|v| *v)
     }
 
+    /// Gives `id` a new number: its old one belongs to a node of a deleted object whose
+    /// inode the filesystem has reused.
+    pub fn renew(&self, id: RealId) -> u64 {
+        let ino = self.next.fetch_add(1, Ordering::Relaxed);
+        self.map.insert(id, ino);
+        ino
+    }
+
     /// Makes `id` report `ino` (after copy-up, a link, or a rename into place).
     pub fn set(&self, id: RealId, ino: u64) {
         self.map.insert(id, ino);
@@ -165,6 +177,7 @@ impl NodeTable {
                 copy_lock: Mutex::new(()),
                 generation: AtomicU64::new(0),
                 prefetched: std::sync::atomic::AtomicBool::new(false),
+                handle: std::sync::OnceLock::new(),
             }),
         );
         t
@@ -206,10 +219,24 @@ impl NodeTable {
         found: Found,
         upper_wins: bool,
     ) -> Arc<Node> {
-        let ino = self.inos.get(found.real);
+        let mut ino = self.inos.get(found.real);
         let mut idx = self.index();
         let key = (parent, name);
-        let node = match self.nodes.get(&ino).map(|n| n.clone()) {
+        let mut existing = self.nodes.get(&ino).map(|n| n.clone());
+        if let Some(n) = &existing
+            && (n.kind != found.kind
+                || (found.kind != libc::S_IFREG && n.read().aliases.is_empty()))
+        {
+            // The number belongs to a node the kernel still holds for a deleted object
+            // (its FORGET not yet here, or a removed directory still someone's cwd) whose
+            // inode the upper filesystem has just reused for this new object: never hand
+            // the kernel that node (wrong type, stale state), give the object a new one.
+            // (An alias-less regular file may be a hard link's other name: it keeps its
+            // number; a deleted file's inode cannot be reused while its handle is open.)
+            ino = self.inos.renew(found.real);
+            existing = None;
+        }
+        let node = match existing {
             Some(n) => {
                 let mut st = n.write();
                 if !st.aliases.contains(&key) {
@@ -234,6 +261,7 @@ impl NodeTable {
                     copy_lock: Mutex::new(()),
                     generation: AtomicU64::new(0),
                     prefetched: std::sync::atomic::AtomicBool::new(false),
+                    handle: std::sync::OnceLock::new(),
                 });
                 self.nodes.insert(ino, n.clone());
                 n
