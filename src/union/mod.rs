@@ -768,7 +768,7 @@ impl Union {
                 dir,
                 name,
                 nix::sys::stat::Mode::from_bits_truncate(p),
-                nix::sys::stat::FchmodatFlags::FollowSymlink,
+                nix::sys::stat::FchmodatFlags::NoFollowSymlink,
             )
             .map_err(nix_err)?;
         }
