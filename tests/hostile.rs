@@ -947,6 +947,9 @@ fn upper_entries_swapped_for_symlinks_are_never_followed() {
         dir("d", 0o755, (0, 0)),
         file("d/lowerfile", b"lower\n", 0o644, (0, 0)),
         file("lf", b"lower lf\n", 0o644, (0, 0)),
+        dir("l", 0o755, (0, 0)),
+        file("l/file", b"lower l/file\n", 0o644, (0, 0)),
+        file("lo", b"lower lo\n", 0o644, (0, 0)),
     ]];
     let upper = vec![
         dir("u", 0o777, (0, 0)),
@@ -965,7 +968,14 @@ fn upper_entries_swapped_for_symlinks_are_never_followed() {
             fs::write(m2.join("lf"), b"copied up lf\n").unwrap();
             let rw = |p: &str| open_with(&m2.join(p), 0, true, true).unwrap();
             let dirf = |p: &str| File::open(m2.join(p)).unwrap();
-            (rw("f"), rw("lf"), dirf("u"), dirf("d"))
+            (
+                rw("f"),
+                rw("lf"),
+                dirf("u"),
+                dirf("d"),
+                dirf("l"),
+                File::open(m2.join("lo")).unwrap(),
+            )
         });
         let (up, aside) = (env.fx.upper.clone(), env.fx.dir.join("aside"));
         fs::create_dir(&aside).unwrap();
@@ -977,11 +987,15 @@ fn upper_entries_swapped_for_symlinks_are_never_followed() {
             fs::rename(up.join(n), aside.join(n)).unwrap();
             std::os::unix::fs::symlink(s.file(), up.join(n)).unwrap();
         }
+        // Names only in the lower: the co-tenant plants symlinks where the daemon's next
+        // copy-up (of directory `l`, of file `lo`) will put its copies.
+        std::os::unix::fs::symlink(s.dir(), up.join("l")).unwrap();
+        std::os::unix::fs::symlink(s.file(), up.join("lo")).unwrap();
         let log = with_timeout(BODY_SECS, move || {
             let mut rec = Record::default();
-            let (f, lf, du, dd) = &fds;
+            let (f, lf, du, dd, dl, lo) = &fds;
             let t = TimeSpec::new(T0 + 1, 0);
-            for (n, fd) in [("f", f), ("lf", lf)] {
+            for (n, fd) in [("f", f), ("lf", lf), ("lo", lo)] {
                 rec.put(
                     format!("fchmod {n}"),
                     e(fchmod(fd, Mode::from_bits_truncate(0o600))),
@@ -1003,7 +1017,7 @@ fn upper_entries_swapped_for_symlinks_are_never_followed() {
                 rec.put(format!("write {n}"), res((&*fd).write_all(b"X")));
                 rec.put(format!("fsync {n}"), res(fd.sync_all()));
             }
-            for (n, fd) in [("u", du), ("d", dd)] {
+            for (n, fd) in [("u", du), ("d", dd), ("l", dl)] {
                 let mk = |name: &str| {
                     openat(
                         fd,
