@@ -378,6 +378,14 @@ impl Env {
     /// The lowers are as they were; in the image store every object hashes to its name.
     #[track_caller]
     fn assert_lowers_intact(&self) {
+        // The witness is never vacuous: the layers (or layout, blobs and indexes) are there.
+        let min = if self.cfg.stack == Stack::Image { 6 } else { 2 };
+        assert!(
+            self.lower_before.len() >= min,
+            "{}: nothing recorded of the lowers: {:?}",
+            self.cfg.name(),
+            self.lower_before
+        );
         let now = self.lower_state();
         let diffs = map_diff(&self.lower_before, &now);
         assert!(
@@ -1944,5 +1952,142 @@ fn setuid_and_setgid_are_cleared_on_write_as_the_kernel_does() {
             )),
             "4777"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A live race: the upper directory flips between a directory and a symlink
+// ---------------------------------------------------------------------------------------
+
+/// Swaps done by the co-tenant in `upper_dir_flipping_to_a_symlink_never_leaks_writes`;
+/// `HOSTILE_RACE_SWAPS` raises it (scripts/hostile-race.sh runs a long version).
+fn race_swaps() -> usize {
+    std::env::var("HOSTILE_RACE_SWAPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+}
+
+/// A co-tenant of the upper races the daemon: round after round it makes a fresh directory
+/// `upper/rN` (owned by uid 1000), lets uid 1000 work in it through the mount, then flips it
+/// to a symlink to the sentinel directory and back, while uid 1000 keeps working inside
+/// `rN` by path and through a directory fd it holds (create, write, chmod, xattr, mkdir,
+/// rename, unlink, rmdir, openat). Operations may fail while the link is in place, but
+/// nothing may land in or change the sentinel: the user cannot write there itself, so a
+/// change would be the daemon (root) following the link.
+#[test]
+fn upper_dir_flipping_to_a_symlink_never_leaks_writes() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    if !mount_allowed() {
+        return;
+    }
+    let s = Sentinel::new();
+    let layers = vec![vec![file("base", b"base\n", 0o644, (0, 0))]];
+    let swaps = race_swaps();
+    for cfg in targets().into_iter().filter(|c| c.stack == Stack::Dirs) {
+        let env = Env::mount(cfg, &layers, &[], true);
+        let m = env.m("");
+        let stop = Arc::new(AtomicBool::new(false));
+        let round = Arc::new(AtomicUsize::new(usize::MAX));
+        let (up, sdir) = (env.fx.upper.clone(), s.dir().to_path_buf());
+        let (stop2, round2) = (stop.clone(), round.clone());
+        let swapper = std::thread::spawn(move || {
+            /// Stops the user's loop however the swapper ends (a panic included).
+            struct StopOnDrop(Arc<AtomicBool>);
+            impl Drop for StopOnDrop {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::SeqCst);
+                }
+            }
+            let _stop = StopOnDrop(stop2);
+            let pause = std::time::Duration::from_micros(500);
+            for k in 0..swaps {
+                let r = up.join(format!("r{k}"));
+                let (real, tmp) = (up.join(".real"), up.join(".link"));
+                fs::create_dir(&r).unwrap();
+                fs::set_permissions(&r, fs::Permissions::from_mode(0o777)).unwrap();
+                common::lchown(&r, USER.0, USER.1).unwrap();
+                round2.store(k, Ordering::SeqCst);
+                std::thread::sleep(pause);
+                fs::rename(&r, &real).unwrap();
+                std::os::unix::fs::symlink(&sdir, &tmp).unwrap();
+                fs::rename(&tmp, &r).unwrap();
+                std::thread::sleep(pause);
+                fs::rename(&r, &tmp).unwrap();
+                fs::rename(&real, &r).unwrap();
+                fs::remove_file(&tmp).unwrap();
+            }
+        });
+        let m2 = m.clone();
+        let stop3 = stop.clone();
+        let (ops, failed, errs) = as_user(USER.0, USER.1, move || {
+            let (mut ops, mut failed) = (0usize, 0usize);
+            let mut errs = BTreeMap::new();
+            let mut held: Option<(usize, File)> = None;
+            let mut i = 0usize;
+            while !stop3.load(Ordering::SeqCst) {
+                let k = round.load(Ordering::SeqCst);
+                if k == usize::MAX {
+                    std::thread::yield_now();
+                    continue;
+                }
+                i += 1;
+                let r = m2.join(format!("r{k}"));
+                if held.as_ref().is_none_or(|(hk, _)| *hk != k) {
+                    held = File::open(&r).ok().map(|f| (k, f));
+                }
+                let (f, d, g) = (
+                    r.join(format!("f{i}")),
+                    r.join(format!("d{i}")),
+                    r.join(format!("g{i}")),
+                );
+                let steps: Vec<io::Result<()>> = vec![
+                    fs::write(&f, b"data"),
+                    fs::set_permissions(&f, fs::Permissions::from_mode(0o600)),
+                    set_xattr(&f, "user.x", b"1"),
+                    fs::create_dir(&d),
+                    fs::rename(&f, &g),
+                    fs::remove_file(&g),
+                    fs::remove_dir(&d),
+                    match &held {
+                        Some((_, h)) => nix::fcntl::openat(
+                            h,
+                            format!("h{i}").as_str(),
+                            nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY,
+                            nix::sys::stat::Mode::from_bits_truncate(0o644),
+                        )
+                        .map(drop)
+                        .map_err(io::Error::from),
+                        None => Err(io::Error::from_raw_os_error(libc::EBADF)),
+                    },
+                ];
+                for (n, r) in steps.into_iter().enumerate() {
+                    ops += 1;
+                    if let Err(e) = r {
+                        failed += 1;
+                        *errs
+                            .entry(format!("step {n}: {}", errno_str(&e)))
+                            .or_insert(0usize) += 1;
+                    }
+                }
+            }
+            (ops, failed, errs)
+        });
+        swapper.join().unwrap();
+        eprintln!(
+            "{}: {swaps} swaps, {ops} operations by uid 1000, {failed} failed: {errs:?}",
+            cfg.name()
+        );
+        s.assert_intact(&format!("upper dir flipping on {}", cfg.name()));
+        assert!(
+            ops > failed,
+            "{}: no operation got through: {errs:?}",
+            cfg.name()
+        );
+        let m4 = m.clone();
+        with_timeout(BODY_SECS, move || fs::write(m4.join("after"), b"after\n")).unwrap();
+        env.assert_lowers_intact();
+        env.unmount();
     }
 }
