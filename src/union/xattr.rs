@@ -108,7 +108,12 @@ impl Union {
     pub fn removexattr(&self, ctx: &Ctx, ino: NodeId, name: &OsStr) -> io::Result<()> {
         self.xattrs_enabled()?;
         let stored = stored_name(name.as_bytes()).ok_or_else(|| err(libc::ENODATA))?;
-        if (stored.starts_with(b"security.") || stored.starts_with(b"trusted.")) && ctx.uid != 0 {
+        // The kernel refuses an explicit removal of `security.capability` without CAP_SETFCAP
+        // over the file before it reaches us, and itself removes it, with the writer's ids,
+        // when an unprivileged user writes, truncates or chowns a file with capabilities
+        // (security_inode_killpriv): that removal must succeed, as on any filesystem.
+        let privileged = stored.starts_with(b"security.") || stored.starts_with(b"trusted.");
+        if privileged && stored != b"security.capability" && ctx.uid != 0 {
             return Err(err(libc::EPERM));
         }
         let node = self.nodes.get(ino)?;
