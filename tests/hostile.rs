@@ -304,11 +304,27 @@ impl Env {
     /// Layers TOP first; `upper` is written into the upper directory before mounting.
     /// `rw == false` mounts without an upper.
     fn mount(cfg: Cfg, layers: &[Vec<Ent>], upper: &[Ent], rw: bool) -> Env {
+        Env::mount_prepared(cfg, layers, upper, rw, &|_| {})
+    }
+
+    /// `mount` of a writable stack, with `prepare(workdir)` run just before mounting.
+    fn mount_with_work(cfg: Cfg, layers: &[Vec<Ent>], prepare: impl Fn(&Path)) -> Env {
+        Env::mount_prepared(cfg, layers, &[], true, &prepare)
+    }
+
+    fn mount_prepared(
+        cfg: Cfg,
+        layers: &[Vec<Ent>],
+        upper: &[Ent],
+        rw: bool,
+        prepare: &dyn Fn(&Path),
+    ) -> Env {
         let fx = match cfg.stack {
             Stack::Image => Fixture::new(0),
             _ => Fixture::new(layers.len()),
         };
         write_ents(&fx.upper, upper);
+        prepare(&fx.work);
         // The upper root's own times are not part of any scenario.
         let mut opts: Vec<&str> = Vec::new();
         if !cfg.passthrough && cfg.stack != Stack::Kernel {
@@ -2139,5 +2155,106 @@ fn upper_dir_flipping_to_a_symlink_never_leaks_writes() {
         with_timeout(BODY_SECS, move || fs::write(m4.join("after"), b"after\n")).unwrap();
         env.assert_lowers_intact();
         env.unmount();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A hostile workdir
+// ---------------------------------------------------------------------------------------
+
+/// The workdir is cleaned at mount and holds every copy-up in progress, so a co-tenant may
+/// fill it: before the mount, `work/work` holds symlinks to the sentinel file and
+/// directory and a directory with more of them; the mount empties it without following
+/// any (the sentinel keeps its contents). While mounted, the co-tenant plants symlinks
+/// under the names the daemon will pick for its next temporary files (`#PID.N`); copy-ups
+/// and creates then fail or succeed, but never write through them. With `work/work`
+/// itself a symlink to the sentinel directory the mount is refused and the sentinel's
+/// contents stay.
+#[test]
+fn hostile_workdir_entries_are_never_followed() {
+    if !mount_allowed() {
+        return;
+    }
+    let s = Sentinel::new();
+    let layers = vec![vec![
+        dir("d", 0o755, (0, 0)),
+        file("d/f", b"lower\n", 0o644, (0, 0)),
+        file("g", b"lower g\n", 0o644, (0, 0)),
+    ]];
+    for cfg in targets().into_iter().filter(|c| c.stack != Stack::Kernel) {
+        // 1. Leftovers at mount.
+        let plant = |w: &Path| {
+            fs::create_dir_all(w.join("inner")).unwrap();
+            std::os::unix::fs::symlink(s.dir(), w.join("to-dir")).unwrap();
+            std::os::unix::fs::symlink(s.file(), w.join("to-file")).unwrap();
+            std::os::unix::fs::symlink(s.dir(), w.join("inner/to-dir")).unwrap();
+            std::os::unix::fs::symlink("../../../../../../../..", w.join("inner/up")).unwrap();
+        };
+        let env = Env::mount_with_work(cfg, &layers, |work| {
+            fs::create_dir(work.join("work")).unwrap();
+            plant(&work.join("work"));
+        });
+        s.assert_intact(&format!(
+            "workdir leftovers cleaned at mount on {}",
+            cfg.name()
+        ));
+        assert_eq!(
+            common::list_dir(env.fx.work.join("work")),
+            Vec::<String>::new()
+        );
+        // 2. Symlinks under the daemon's next temporary names.
+        let pid = common::daemon_pids(&env.fx.mnt)
+            .into_iter()
+            .next()
+            .expect("the daemon's pid");
+        let w = env.fx.work.join("work");
+        let sf = s.file();
+        for n in 0..64u32 {
+            let target: &Path = if n % 2 == 0 { s.dir() } else { &sf };
+            std::os::unix::fs::symlink(target, w.join(format!("#{pid:x}.{n:x}"))).unwrap();
+        }
+        let m = env.m("");
+        let log = with_timeout(BODY_SECS, move || {
+            let mut rec = Record::default();
+            for i in 0..8 {
+                rec.put(
+                    format!("create {i}"),
+                    res(fs::write(m.join(format!("new{i}")), b"new")),
+                );
+                rec.put(
+                    format!("mkdir {i}"),
+                    res(fs::create_dir(m.join(format!("dir{i}")))),
+                );
+            }
+            rec.put("copy-up d/f", res(fs::write(m.join("d/f"), b"changed")));
+            rec.put(
+                "chmod g",
+                res(fs::set_permissions(
+                    m.join("g"),
+                    fs::Permissions::from_mode(0o600),
+                )),
+            );
+            rec.put("unlink d/f", res(fs::remove_file(m.join("d/f"))));
+            rec
+        });
+        eprintln!("{}: {log:?}", cfg.name());
+        s.assert_intact(&format!("planted temporary names on {}", cfg.name()));
+        env.assert_lowers_intact();
+        env.unmount();
+        // 3. work/work itself a symlink: refused.
+        let fx = Fixture::new(1);
+        write_ents(&fx.lowers[0], &layers[0]);
+        std::os::unix::fs::symlink(s.dir(), fx.work.join("work")).unwrap();
+        let r = if cfg.stack == Stack::Dirs {
+            common::mount(&Driver::Unionmount, &fx, true, &[]).map(drop)
+        } else {
+            Err(io::Error::other("checked on directory layers only"))
+        };
+        assert!(
+            r.is_err(),
+            "{}: mounted with work/work a symlink",
+            cfg.name()
+        );
+        s.assert_intact(&format!("work/work a symlink on {}", cfg.name()));
     }
 }
