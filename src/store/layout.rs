@@ -15,11 +15,14 @@
 //!   only while holding the exclusive lock, so concurrent imports never lose a tag and gc
 //!   never runs between an import's blob writes and its tagging.
 //! - Nothing but `tmp/` is written until a write is known good.
+//! - The store root is mode 0700 (group and other bits are removed when opened): file
+//!   contents lose their modes here, so no other user may read or replace them.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -156,6 +159,18 @@ impl Store {
     /// must say version 1.x and an existing `index.json` must parse.
     pub fn open_or_create(dir: &Path) -> io::Result<Store> {
         fs::create_dir_all(dir).map_err(|e| with_path(e, dir))?;
+        // Only the owner may enter the store: `objects/` holds the bytes of a 0600 file of
+        // an image like any other (content has no mode), and what is under `blobs/`,
+        // `index/` and `objects/` is served to every later mount. The daemon runs with
+        // umask 0, so this is set here rather than left to the creation modes below.
+        let mode = fs::metadata(dir)
+            .map_err(|e| with_path(e, dir))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode & 0o700))
+                .map_err(|e| with_path(e, dir))?;
+        }
         let store = Store {
             root: dir.to_path_buf(),
         };
