@@ -2338,3 +2338,69 @@ fn image_store_does_not_leak_or_accept_writes_from_users() {
         env.unmount();
     }
 }
+
+/// uid 1000 cannot forge the overlay's markers on its own objects to hide what lies below
+/// or to turn a file into a whiteout: `user.overlay.opaque`/`user.overlay.whiteout` are
+/// stored escaped (readable back, no effect on the merged view; kernel overlayfs does the
+/// same with `trusted.overlay.*`), `user.fuseoverlayfs.*` and `user.unionmount.*` are
+/// refused with EPERM. Checked on directory layers and the image, passthrough on and off.
+#[test]
+fn user_cannot_forge_overlay_markers() {
+    if !mount_allowed() {
+        return;
+    }
+    let layers = vec![vec![
+        dir("home", 0o755, USER),
+        dir("home/ldir", 0o755, USER),
+        file("home/ldir/child", b"child\n", 0o644, (0, 0)),
+        file("home/f", b"f\n", 0o644, USER),
+    ]];
+    for cfg in targets().into_iter().filter(|c| c.stack != Stack::Kernel) {
+        let env = Env::mount(cfg, &layers, &[], true);
+        let m = env.m("");
+        let rec = as_user(USER.0, USER.1, move || {
+            let mut rec = Record::default();
+            let (d, f) = (m.join("home/ldir"), m.join("home/f"));
+            for (p, n) in [
+                (&d, "user.overlay.opaque"),
+                (&d, "user.fuseoverlayfs.opaque"),
+                (&d, "user.unionmount.opaque"),
+                (&f, "user.overlay.whiteout"),
+                (&f, "user.unionmount.x"),
+            ] {
+                rec.put(format!("set {n}"), res(set_xattr(p, n, b"y")));
+            }
+            rec.put(
+                "get user.overlay.opaque",
+                format!("{:?}", get_xattr(&d, "user.overlay.opaque")),
+            );
+            rec.put("list ldir", ls(&d));
+            rec.put("read f", format!("{:?}", fs::read(&f)));
+            rec
+        });
+        let want = [
+            ("set user.overlay.opaque", "ok"),
+            ("set user.fuseoverlayfs.opaque", "EPERM"),
+            ("set user.unionmount.opaque", "EPERM"),
+            ("set user.overlay.whiteout", "ok"),
+            ("set user.unionmount.x", "EPERM"),
+            ("get user.overlay.opaque", "Ok([121])"),
+            ("list ldir", "[\"child\"]"),
+            ("read f", "Ok([102, 10])"),
+        ];
+        for (step, outcome) in want {
+            assert_eq!(rec.get(step), outcome, "{}: {step}", cfg.name());
+        }
+        // Stored escaped in the upper.
+        assert_eq!(
+            get_xattr(&env.fx.u("home/ldir"), "user.overlay.overlay.opaque").unwrap(),
+            b"y"
+        );
+        assert_eq!(
+            res(get_xattr(&env.fx.u("home/ldir"), "user.overlay.opaque")),
+            "ENODATA"
+        );
+        env.assert_lowers_intact();
+        env.unmount();
+    }
+}
