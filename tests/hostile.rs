@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use common::{
@@ -2403,4 +2403,102 @@ fn user_cannot_forge_overlay_markers() {
         env.assert_lowers_intact();
         env.unmount();
     }
+}
+
+/// The other ways a user meets setuid/setgid, against the kernel: creating in a setgid
+/// directory of a group the user is not in (the group is inherited, S_ISGID of a new file
+/// dropped, a new directory keeps it), chmod g+s on its own file of its own group and of a
+/// group it is not in, and chown of its own 06755 file (to itself: the bits go).
+#[test]
+fn setgid_inheritance_chmod_and_chown_by_a_user_match_the_kernel() {
+    if !mount_allowed() {
+        return;
+    }
+    let layers = vec![vec![
+        dir("shared", 0o2777, (0, OWNER.1)),
+        dir("home", 0o755, USER),
+        file("home/own", b"x\n", 0o755, USER),
+        file("home/foreign-group", b"x\n", 0o755, (USER.0, OWNER.1)),
+        file("home/suid", b"x\n", 0o6755, USER),
+    ]];
+    let rec = run_all("setgid by a user", &layers, &[], true, None, |env| {
+        let m = env.m("");
+        let mut rec = as_user(USER.0, USER.1, move || {
+            let mut rec = Record::default();
+            let p = |r: &str| m.join(r);
+            rec.put(
+                "create 02755 in setgid dir",
+                res(OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o2755)
+                    .open(p("shared/new"))),
+            );
+            rec.put(
+                "mkdir in setgid dir",
+                res(fs::DirBuilder::new().mode(0o755).create(p("shared/newdir"))),
+            );
+            rec.put(
+                "chmod g+s own",
+                res(fs::set_permissions(
+                    p("home/own"),
+                    fs::Permissions::from_mode(0o2755),
+                )),
+            );
+            rec.put(
+                "chmod g+s foreign group",
+                res(fs::set_permissions(
+                    p("home/foreign-group"),
+                    fs::Permissions::from_mode(0o2755),
+                )),
+            );
+            rec.put(
+                "chown suid to self",
+                res(common::lchown(&p("home/suid"), USER.0, USER.1)),
+            );
+            rec.put(
+                "chown to another group",
+                res(common::lchown(&p("home/own"), USER.0, OWNER.1)),
+            );
+            for f in [
+                "shared/new",
+                "shared/newdir",
+                "home/own",
+                "home/foreign-group",
+                "home/suid",
+            ] {
+                rec.put(format!("seen {f}"), seen_no_read(&p(f)));
+            }
+            rec
+        });
+        tree_lines(&mut rec, "upper", &env.fx.upper, tree::View::Upper);
+        rec
+    });
+    // The group is inherited and S_ISGID dropped for a user outside it; chmod g+s on a
+    // file of a foreign group is silently dropped too; chown by the owner clears both bits.
+    assert!(
+        rec.get("seen shared/new")
+            .starts_with("mode 100755 owner 1000:2000"),
+        "{rec:?}"
+    );
+    assert!(
+        rec.get("seen shared/newdir")
+            .starts_with("mode 42755 owner 1000:2000"),
+        "{rec:?}"
+    );
+    assert!(
+        rec.get("seen home/own")
+            .starts_with("mode 102755 owner 1000:1000"),
+        "{rec:?}"
+    );
+    assert!(
+        rec.get("seen home/foreign-group")
+            .starts_with("mode 100755 "),
+        "{rec:?}"
+    );
+    assert!(
+        rec.get("seen home/suid").starts_with("mode 100755 "),
+        "{rec:?}"
+    );
+    assert_eq!(rec.get("chown to another group"), "EPERM");
 }
