@@ -466,6 +466,18 @@ impl Env {
         }
     }
 
+    /// unionmount with passthrough asked for (directory stacks also take
+    /// `UNIONMOUNT_TEST_OPTS`, which a suite rerun may use to turn it off).
+    fn passthrough_on(&self) -> bool {
+        let off_by_env =
+            std::env::var("UNIONMOUNT_TEST_OPTS").is_ok_and(|o| o.contains("passthrough"));
+        match self.cfg.stack {
+            Stack::Kernel => false,
+            Stack::Dirs => self.cfg.passthrough && !off_by_env,
+            Stack::Image => self.cfg.passthrough,
+        }
+    }
+
     /// The daemon's log so far (empty for the kernel).
     fn log(&self) -> String {
         fs::read_to_string(self.fx.dir.join("daemon.log")).unwrap_or_default()
@@ -1667,7 +1679,7 @@ fn read_only_opens_never_write_the_lower() {
                 if rw {
                     tree_lines(&mut rec, "upper", &env.fx.upper, tree::View::Upper);
                 }
-                if env.cfg.stack != Stack::Kernel && env.cfg.passthrough {
+                if env.passthrough_on() {
                     let want = if rw {
                         "(lower file): served by the daemon"
                     } else {
