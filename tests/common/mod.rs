@@ -1287,3 +1287,48 @@ impl Drop for TempDir {
         let _ = fs::remove_dir_all(&self.0);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Daemon exit status
+// ---------------------------------------------------------------------------------------
+
+/// Make this process the child subreaper (prctl PR_SET_CHILD_SUBREAPER): a daemon forked
+/// by a mount command this process runs is re-parented here when the command exits, so
+/// `wait_exit_status` can read how it ended. Process-wide and permanent for the test
+/// binary; daemons nobody waits for stay zombies until the binary exits (`alive` counts a
+/// zombie as gone).
+pub fn become_child_subreaper() {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes no pointers.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(
+        r,
+        0,
+        "prctl(PR_SET_CHILD_SUBREAPER): {}",
+        io::Error::last_os_error()
+    );
+}
+
+/// How a child (or re-parented) process `pid` ended: `Some(Ok(code))` for an exit,
+/// `Some(Err(signal))` when a signal killed it, `None` if it is still running after `limit`.
+pub fn wait_exit_status(pid: i32, limit: Duration) -> Option<Result<i32, i32>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid writes one int through a valid pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            if libc::WIFEXITED(status) {
+                return Some(Ok(libc::WEXITSTATUS(status)));
+            }
+            if libc::WIFSIGNALED(status) {
+                return Some(Err(libc::WTERMSIG(status)));
+            }
+        } else if r < 0 {
+            panic!("waitpid({pid}): {}", io::Error::last_os_error());
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,507 @@
+//! Durability through the mount, shown on a real disk image: what is in the upper
+//! filesystem's on-disk state (not its page cache) after fsync, fdatasync and syncfs
+//! return, on a default mount and on `volatile` / `fsync=0` mounts.
+//!
+//! How: upper and work live on a small ext4 on a loop device, mounted `commit=600` so the
+//! journal never commits on its own timer during a test. A "crash image" is a copy of the
+//! loop device's backing file taken while everything stays mounted: it holds exactly what
+//! the upper filesystem has written to its device, and mounting the copy replays the
+//! journal as a reboot would. What a crash would keep is read from that copy.
+//!
+//! Invariants of the checks:
+//! - A positive case (data must be on disk) is deterministic: fsync returned before the
+//!   copy was taken.
+//! - A negative case (fsync returned, data not on disk yet) is asserted on disk only while
+//!   the ext4 journal has not committed since the write (its transaction count in
+//!   /proc/fs/jbd2 is unchanged): then the new file cannot be in the image. A `sync(2)`
+//!   from some other process on the machine commits every journal and makes that check
+//!   impossible; the test then says so and relies on the second check, which always runs:
+//!   the daemon, traced with strace, made no fsync/fdatasync/syncfs/sync/sync_file_range
+//!   call at all.
+//! - Every access through a mount runs under a timeout; every mount (the union, the
+//!   ext4, the crash copy) and loop device is undone on drop, also on failure.
+//!
+//! With `UNIONMOUNT_TEST_DRIVER=kernel` the same tests run on kernel overlayfs (the oracle;
+//! no daemon, so no strace check, and no `fsync=0` option). Findings recorded here:
+//! - syncfs(2) on a FUSE mount never reaches the daemon (Linux sends FUSE_SYNCFS only to
+//!   virtiofs servers; fuser has no handler either): after `sync -f` on a unionmount
+//!   mount the data is only in the upper's page cache. Kernel overlayfs syncs the upper.
+//!   fsync/fdatasync of the file (or a global sync(2)) is what makes it durable.
+//! - Kernel overlayfs `volatile` leaves `work/work/incompat/volatile` behind and refuses
+//!   every later mount of that upper/work until it is removed; unionmount (like
+//!   fuse-overlayfs, which podman pairs with its own volatile bookkeeping) leaves no marker
+//!   and mounts the upper again.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Seconds one step through a mount may take.
+const STEP: u64 = 30;
+
+/// Run a command to completion; panic with its stderr when it fails.
+fn must(prog: &str, args: &[&str]) -> String {
+    let out = run_prog_within(60, prog, args.iter().map(os).collect());
+    assert_success(&out, &format!("{prog} {}", args.join(" ")));
+    text(&out.stdout)
+}
+
+/// A 64 MiB ext4 on a loop device, mounted at `root` with `commit=600`; `upper` and `work`
+/// are made inside it. The union's `lower` and `mnt` sit next to it, on the host
+/// filesystem. Drop unmounts and detaches everything and removes the files.
+struct Disk {
+    tmp: TempDir,
+    img: PathBuf,
+    dev: String,
+    root: PathBuf,
+    lower: PathBuf,
+    mnt: PathBuf,
+}
+
+impl Disk {
+    fn new(tag: &str) -> Disk {
+        let tmp = TempDir::new_in("/var/tmp", tag);
+        let img = tmp.path().join("disk.img");
+        let root = tmp.path().join("disk");
+        let lower = tmp.path().join("lower");
+        let mnt = tmp.path().join("mnt");
+        for d in [&root, &lower, &mnt] {
+            fs::create_dir(d).unwrap();
+        }
+        fs::File::create(&img)
+            .unwrap()
+            .set_len(64 << 20)
+            .expect("size the disk image");
+        let img_s = img.to_str().unwrap();
+        must("mkfs.ext4", &["-q", "-F", img_s]);
+        let dev = must("losetup", &["-f", "--show", img_s]).trim().to_string();
+        let disk = Disk {
+            tmp,
+            img,
+            dev,
+            root,
+            lower,
+            mnt,
+        };
+        must(
+            "mount",
+            &["-o", "commit=600", &disk.dev, disk.root.to_str().unwrap()],
+        );
+        fs::create_dir(disk.upper()).unwrap();
+        fs::create_dir(disk.work()).unwrap();
+        disk
+    }
+
+    fn upper(&self) -> PathBuf {
+        self.root.join("upper")
+    }
+
+    fn work(&self) -> PathBuf {
+        self.root.join("work")
+    }
+
+    /// Mount the union (lower, upper, work) on `mnt` with `opts`.
+    fn mount(&self, opts: &[&str]) -> MountGuard {
+        mount_paths(
+            &driver(),
+            std::slice::from_ref(&self.lower),
+            Some(&self.upper()),
+            Some(&self.work()),
+            &self.mnt,
+            opts,
+        )
+        .expect("mount the union over the ext4 upper")
+    }
+
+    /// syncfs on the ext4 itself: everything so far is on disk, the journal committed.
+    fn flush(&self) {
+        must("sync", &["-f", self.root.to_str().unwrap()]);
+    }
+
+    /// Transactions the ext4 journal has committed so far.
+    fn commits(&self) -> u64 {
+        let name = Path::new(&self.dev).file_name().unwrap().to_str().unwrap();
+        let info = fs::read_to_string(format!("/proc/fs/jbd2/{name}-8/info"))
+            .expect("read the jbd2 info of the test disk");
+        info.split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected jbd2 info: {info}"))
+    }
+
+    /// What a crash now would leave: a copy of the device's bytes, mounted (the journal is
+    /// replayed) read-write on a loop device of its own.
+    fn crash_image(&self) -> CrashImage {
+        let copy = self.tmp.path().join("crash.img");
+        let at = self.tmp.path().join("crash");
+        let _ = fs::remove_file(&copy);
+        let _ = fs::create_dir(&at);
+        fs::copy(&self.img, &copy).expect("copy the disk image");
+        must(
+            "mount",
+            &["-o", "loop", copy.to_str().unwrap(), at.to_str().unwrap()],
+        );
+        CrashImage { at, copy }
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let _ = umount2(&self.mnt, libc::MNT_DETACH);
+        }
+        if umount2(&self.root, 0).is_err() {
+            let _ = umount2(&self.root, libc::MNT_DETACH);
+        }
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// A mounted copy of the disk as a crash would have left it.
+struct CrashImage {
+    at: PathBuf,
+    copy: PathBuf,
+}
+
+impl CrashImage {
+    /// Contents of `rel` (relative to the disk's root), None when it does not exist.
+    fn read(&self, rel: &str) -> Option<Vec<u8>> {
+        match fs::read(self.at.join(rel)) {
+            Ok(v) => Some(v),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => panic!("crash image: read {rel}: {e}"),
+        }
+    }
+
+    fn mode(&self, rel: &str) -> u32 {
+        lstat(self.at.join(rel)).unwrap().mode() & 0o7777
+    }
+}
+
+impl Drop for CrashImage {
+    fn drop(&mut self) {
+        if umount2(&self.at, 0).is_err() {
+            let _ = umount2(&self.at, libc::MNT_DETACH);
+        }
+        let _ = fs::remove_file(&self.copy);
+    }
+}
+
+/// The sync-family syscalls strace watches for in the daemon.
+const SYNC_CALLS: [&str; 5] = ["fsync", "fdatasync", "syncfs", "sync", "sync_file_range"];
+
+/// strace attached to every thread of a daemon, logging its sync-family syscalls.
+struct SyncTrace {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl SyncTrace {
+    fn attach(pid: i32, log: PathBuf) -> SyncTrace {
+        let child = Command::new("strace")
+            .args(["-f", "-qq", "-o"])
+            .arg(&log)
+            .arg(format!("-etrace={}", SYNC_CALLS.join(",")))
+            .arg("-p")
+            .arg(pid.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn strace (Debian package strace)");
+        let t = SyncTrace {
+            child: Some(child),
+            log,
+        };
+        let traced = wait_for(Duration::from_secs(10), || {
+            let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+                return false;
+            };
+            tasks.flatten().all(|t| {
+                fs::read_to_string(t.path().join("status")).is_ok_and(|s| {
+                    s.lines().any(|l| {
+                        l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0")
+                    })
+                })
+            })
+        });
+        assert!(
+            traced,
+            "strace did not attach to every thread of daemon {pid}"
+        );
+        t
+    }
+
+    /// Detach and return how many calls of each name the daemon made.
+    fn finish(mut self) -> Vec<(&'static str, usize)> {
+        let mut c = self.child.take().unwrap();
+        kill(c.id() as i32, libc::SIGINT);
+        let _ = c.wait();
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        SYNC_CALLS
+            .iter()
+            .map(|name| {
+                let call = format!(" {name}(");
+                (*name, log.lines().filter(|l| l.contains(&call)).count())
+            })
+            .collect()
+    }
+}
+
+impl Drop for SyncTrace {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn count(calls: &[(&str, usize)], name: &str) -> usize {
+    calls.iter().find(|(n, _)| *n == name).map_or(0, |c| c.1)
+}
+
+/// The strace of the daemon serving `disk.mnt` (unionmount only).
+fn trace_daemon(disk: &Disk) -> Option<SyncTrace> {
+    if is_kernel() {
+        return None;
+    }
+    let pids = daemon_pids(&disk.mnt);
+    assert_eq!(pids.len(), 1, "one daemon serves {}", disk.mnt.display());
+    Some(SyncTrace::attach(
+        pids[0],
+        disk.tmp.path().join("strace.log"),
+    ))
+}
+
+/// Create `rel` under the mount with `data`, then call `sync` on the open file.
+fn write_and(
+    mnt: &Path,
+    rel: &str,
+    data: &'static [u8],
+    sync: fn(&fs::File) -> std::io::Result<()>,
+) {
+    let p = mnt.join(rel);
+    with_timeout(STEP, move || {
+        let mut f = fs::File::create(&p).unwrap();
+        f.write_all(data).unwrap();
+        sync(&f).unwrap_or_else(|e| panic!("sync {}: {e}", p.display()));
+    });
+}
+
+/// fsync and fdatasync on a default mount: the files and their data are on disk when the
+/// calls return, and the daemon did call fsync/fdatasync on the upper.
+#[test]
+fn fsync_and_fdatasync_reach_the_disk() {
+    if !mount_allowed() {
+        return;
+    }
+    let disk = Disk::new("dur-fsync");
+    let _m = disk.mount(&[]);
+    disk.flush();
+    let trace = trace_daemon(&disk);
+    write_and(&disk.mnt, "a", b"fsynced\n", fs::File::sync_all);
+    write_and(&disk.mnt, "b", b"fdatasynced\n", fs::File::sync_data);
+    let img = disk.crash_image();
+    assert_eq!(img.read("upper/a").as_deref(), Some(&b"fsynced\n"[..]));
+    assert_eq!(img.read("upper/b").as_deref(), Some(&b"fdatasynced\n"[..]));
+    if let Some(t) = trace {
+        let calls = t.finish();
+        assert!(count(&calls, "fsync") >= 1, "daemon sync calls: {calls:?}");
+        assert!(
+            count(&calls, "fdatasync") >= 1,
+            "daemon sync calls: {calls:?}"
+        );
+    }
+}
+
+/// A copy-up followed by fsync is durable: the copied-up file (lower bytes plus the
+/// append, its mode) and the directories above it are in the crash image. Also a
+/// chmod-only copy-up fsynced through a read-only descriptor.
+#[test]
+fn copy_up_then_fsync_is_durable() {
+    if !mount_allowed() {
+        return;
+    }
+    let disk = Disk::new("dur-copyup");
+    fs::create_dir_all(disk.lower.join("a/b")).unwrap();
+    fs::write(disk.lower.join("a/b/f"), b"lower\n").unwrap();
+    fs::set_permissions(disk.lower.join("a/b/f"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::write(disk.lower.join("a/g"), b"only chmod\n").unwrap();
+    fs::set_permissions(disk.lower.join("a/g"), fs::Permissions::from_mode(0o644)).unwrap();
+    let _m = disk.mount(&[]);
+    disk.flush();
+    let mnt = disk.mnt.clone();
+    with_timeout(STEP, move || {
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(mnt.join("a/b/f"))
+            .unwrap();
+        f.write_all(b"appended\n").unwrap();
+        f.sync_all().unwrap();
+        fs::set_permissions(mnt.join("a/g"), fs::Permissions::from_mode(0o600)).unwrap();
+        let g = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(mnt.join("a/g"))
+            .unwrap();
+        g.sync_all().unwrap();
+    });
+    let img = disk.crash_image();
+    assert_eq!(
+        img.read("upper/a/b/f").as_deref(),
+        Some(&b"lower\nappended\n"[..])
+    );
+    assert_eq!(img.mode("upper/a/b/f"), 0o640);
+    assert_eq!(img.read("upper/a/g").as_deref(), Some(&b"only chmod\n"[..]));
+    assert_eq!(img.mode("upper/a/g"), 0o600);
+}
+
+/// With `opt` (volatile, fsync=0), fsync and fdatasync return success and the data reads
+/// back, but nothing was synced: the daemon made no sync call, and (while the journal has
+/// not committed) a crash would lose the file.
+fn fsync_is_a_no_op_with(opt: &str) {
+    let disk = Disk::new("dur-nosync");
+    let _m = disk.mount(&[opt]);
+    disk.flush();
+    let before = disk.commits();
+    let trace = trace_daemon(&disk);
+    write_and(&disk.mnt, "v", b"not synced\n", fs::File::sync_all);
+    write_and(&disk.mnt, "w", b"not synced either\n", fs::File::sync_data);
+    let v = disk.mnt.join("v");
+    with_timeout(STEP, move || assert_file(v, b"not synced\n"));
+    assert_file(disk.upper().join("w"), b"not synced either\n");
+    if let Some(t) = trace {
+        let calls = t.finish();
+        assert!(
+            calls.iter().all(|(_, n)| *n == 0),
+            "{opt}: the daemon synced: {calls:?}"
+        );
+    }
+    let img = disk.crash_image();
+    if disk.commits() == before {
+        assert_eq!(img.read("upper/v"), None, "{opt}: upper/v reached the disk");
+        assert_eq!(img.read("upper/w"), None, "{opt}: upper/w reached the disk");
+    } else {
+        eprintln!(
+            "note: {opt}: the test disk's journal committed during the test (a sync(2) \
+             elsewhere on the machine?); the on-disk half of the check could not run"
+        );
+    }
+}
+
+#[test]
+fn volatile_fsync_returns_but_data_is_not_on_disk() {
+    if !mount_allowed() {
+        return;
+    }
+    fsync_is_a_no_op_with("volatile");
+}
+
+#[test]
+fn fsync_0_fsync_returns_but_data_is_not_on_disk() {
+    if !mount_allowed() {
+        return;
+    }
+    if is_kernel() {
+        eprintln!("note: kernel overlayfs has no fsync=0 option; nothing to compare");
+        return;
+    }
+    fsync_is_a_no_op_with("fsync=0");
+}
+
+/// syncfs (`sync -f FILE`) after writing a file through the mount. Kernel overlayfs syncs
+/// the upper filesystem: the file is on disk. On a FUSE mount Linux does not pass syncfs
+/// to the daemon (only virtiofs gets FUSE_SYNCFS), so unionmount never sees it: the
+/// daemon makes no sync call and the file is not on disk. fsync of the file, the
+/// documented way, then makes it durable.
+#[test]
+fn syncfs_durability() {
+    if !mount_allowed() {
+        return;
+    }
+    let disk = Disk::new("dur-syncfs");
+    let _m = disk.mount(&[]);
+    disk.flush();
+    let before = disk.commits();
+    let trace = trace_daemon(&disk);
+    let p = disk.mnt.join("s");
+    with_timeout(STEP, move || {
+        fs::write(&p, b"syncfs\n").unwrap();
+        let out = Command::new("sync")
+            .arg("-f")
+            .arg(&p)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_success(&out, "sync -f FILE-IN-MOUNT");
+    });
+    let img = disk.crash_image();
+    if is_kernel() {
+        assert_eq!(img.read("upper/s").as_deref(), Some(&b"syncfs\n"[..]));
+        return;
+    }
+    let calls = trace.unwrap().finish();
+    assert!(
+        calls.iter().all(|(_, n)| *n == 0),
+        "syncfs reached the daemon ({calls:?}): Linux now forwards syncfs to FUSE; \
+         update this test and the README"
+    );
+    if disk.commits() == before {
+        assert_eq!(img.read("upper/s"), None, "upper/s on disk without a sync");
+    } else {
+        eprintln!("note: the test disk's journal committed during the test; on-disk check skipped");
+    }
+    drop(img);
+    let p = disk.mnt.join("s");
+    with_timeout(STEP, move || {
+        fs::File::open(&p).unwrap().sync_all().unwrap()
+    });
+    let img = disk.crash_image();
+    assert_eq!(img.read("upper/s").as_deref(), Some(&b"syncfs\n"[..]));
+}
+
+/// After a `volatile` mount is unmounted, what does the next (default) mount of the same
+/// upper/work do? Kernel overlayfs leaves `work/work/incompat/volatile` and refuses the
+/// mount until it is removed. unionmount leaves no marker: the next mount succeeds, shows
+/// what was written, and the workdir is clean.
+#[test]
+fn remount_after_volatile() {
+    if !mount_allowed() {
+        return;
+    }
+    let disk = Disk::new("dur-volremount");
+    let m = disk.mount(&["volatile"]);
+    let p = disk.mnt.join("kept");
+    with_timeout(STEP, move || fs::write(p, b"kept\n").unwrap());
+    m.unmount().expect("unmount the volatile mount");
+    let marker = disk.work().join("work/incompat/volatile");
+    if is_kernel() {
+        assert!(marker.is_dir(), "kernel overlayfs left no volatile marker");
+        let e = mount_paths(
+            &driver(),
+            std::slice::from_ref(&disk.lower),
+            Some(&disk.upper()),
+            Some(&disk.work()),
+            &disk.mnt,
+            &[],
+        );
+        assert!(
+            e.is_err(),
+            "kernel overlayfs mounted over a volatile workdir"
+        );
+        fs::remove_dir_all(&marker).unwrap();
+    } else {
+        assert!(!marker.exists(), "unionmount left {}", marker.display());
+    }
+    let _m = disk.mount(&[]);
+    let p = disk.mnt.join("kept");
+    with_timeout(STEP, move || assert_file(p, b"kept\n"));
+    assert_work_clean(&disk.work());
+}
