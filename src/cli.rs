@@ -198,6 +198,16 @@ fn plan(args: Args) -> Result<Plan, String> {
                 mountpoint.display()
             ));
         }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            // The daemon of an earlier FUSE mount there died. Not unmounted for the user:
+            // it may be another program's mount, and a busy one must be detached with care.
+            let m = mountpoint.display();
+            return Err(format!(
+                "mountpoint {m}: a FUSE mount whose daemon is gone is still there \
+                 (transport endpoint is not connected); unmount it first: \
+                 fusermount3 -u {m} (or umount -l {m})"
+            ));
+        }
         Err(e) => {
             return Err(format!(
                 "mountpoint {}: {}",
