@@ -1,0 +1,417 @@
+//! How a unionmount mount ends: SIGTERM to the background daemon (idle and busy), a
+//! SIGKILLed daemon (ENOTCONN, never a hang; recovery by a new mount over the same upper,
+//! work and mountpoint), and a daemon killed while requests wait for it.
+//!
+//! The test binary makes itself the child subreaper, so a daemon forked by the mount
+//! command it runs is re-parented here and its exit status can be read with waitpid.
+//!
+//! Findings these tests pin down (Linux 6.x FUSE):
+//! - SIGTERM unmounts; when busy, the daemon detaches lazily: the mount leaves the table at
+//!   once, open files and a held directory keep working (reads, writes, creates land in the
+//!   upper), and the daemon exits 0 when the last user lets go.
+//! - After SIGKILL every new request (stat, readdir, open, and I/O on an fd opened before)
+//!   fails with ENOTCONN at once; a request the daemon never answered ends with
+//!   ECONNABORTED. `fusermount3 -u` or `umount -l` removes the dead mount, and a new mount
+//!   over the same upper/work cleans the workdir and shows every earlier write.
+//! - Mounting over the dead mount without unmounting it fails with one line that names the
+//!   mountpoint and the command that removes it (no automatic unmount: the dead mount may
+//!   belong to another program).
+//!
+//! Kernel overlayfs has no daemon; these tests are unionmount-only and return at once
+//! under `UNIONMOUNT_TEST_DRIVER=kernel`.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Seconds one step through a mount may take.
+const STEP: u64 = 30;
+/// How long a daemon may take to exit, or a mount to disappear.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+fn unionmount_only() -> bool {
+    if is_kernel() {
+        eprintln!("note: kernel overlayfs has no daemon to signal; nothing to compare");
+        return false;
+    }
+    if !mount_allowed() {
+        return false;
+    }
+    become_child_subreaper();
+    true
+}
+
+/// Lower: `f` = "lower f\n", `d/g` = "lower g\n", `gone` (deleted in the tests).
+fn fixture() -> Fixture {
+    let fx = Fixture::new(1);
+    fx.write(&fx.lowers[0], "f", b"lower f\n", 0o644);
+    fx.write(&fx.lowers[0], "d/g", b"lower g\n", 0o644);
+    fx.write(&fx.lowers[0], "gone", b"to delete\n", 0o644);
+    fx
+}
+
+fn the_daemon(mnt: &Path) -> i32 {
+    let pids = daemon_pids(mnt);
+    assert_eq!(pids.len(), 1, "daemons serving {}: {pids:?}", mnt.display());
+    pids[0]
+}
+
+/// Changes of every kind through the mount: a new file, a copy-up, a whiteout, a new dir.
+fn make_changes(fx: &Fixture) {
+    within_mount(fx, |fx| {
+        fs::write(fx.m("new"), b"new\n").unwrap();
+        let mut f = fs::OpenOptions::new().append(true).open(fx.m("f")).unwrap();
+        f.write_all(b"appended\n").unwrap();
+        drop(f);
+        fs::remove_file(fx.m("gone")).unwrap();
+        fs::create_dir(fx.m("newdir")).unwrap();
+        fs::write(fx.m("newdir/x"), b"x\n").unwrap();
+    });
+}
+
+#[track_caller]
+fn assert_changes_in_upper(fx: &Fixture) {
+    assert_file(fx.u("new"), b"new\n");
+    assert_file(fx.u("f"), b"lower f\nappended\n");
+    assert!(is_whiteout_in_upper(&fx.u("gone")), "no whiteout for gone");
+    assert_file(fx.u("newdir/x"), b"x\n");
+}
+
+/// SIGTERM to the background daemon of an idle rw mount: unmounted, the daemon exits 0,
+/// every change is in the upper and the workdir is clean.
+#[test]
+fn sigterm_daemon_exits_0_upper_intact_work_clean() {
+    if !unionmount_only() {
+        return;
+    }
+    let fx = fixture();
+    let _m = mount(&driver(), &fx, true, &[]).unwrap();
+    make_changes(&fx);
+    let pid = the_daemon(&fx.mnt);
+    kill(pid, libc::SIGTERM);
+    assert!(
+        wait_for(EXIT_WAIT, || !is_mounted(&fx.mnt)),
+        "still mounted"
+    );
+    assert_eq!(wait_exit_status(pid, EXIT_WAIT), Some(Ok(0)), "daemon exit");
+    assert_changes_in_upper(&fx);
+    assert_work_clean(&fx.work);
+    assert_eq!(list_dir(&fx.mnt), Vec::<String>::new(), "mountpoint left");
+}
+
+/// SIGTERM while this process holds a directory and a read-write file open in the mount:
+/// the mount leaves the table at once (lazy detach) and the mountpoint shows the empty
+/// directory under it; the held file still reads and writes, the held directory still
+/// lists and takes a new file, all of it reaching the upper; the daemon stays until the
+/// last descriptor closes, then exits 0 with the workdir clean.
+#[test]
+fn sigterm_busy_mount_detaches_lazily_and_users_keep_working() {
+    if !unionmount_only() {
+        return;
+    }
+    let fx = fixture();
+    let _m = mount(&driver(), &fx, true, &[]).unwrap();
+    let pid = the_daemon(&fx.mnt);
+    let (dir, file) = within_mount(&fx, |fx| {
+        let dir = fs::File::open(fx.m("d")).unwrap();
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(fx.m("d/g"))
+            .unwrap();
+        (dir, file)
+    });
+    kill(pid, libc::SIGTERM);
+    assert!(
+        wait_for(EXIT_WAIT, || !is_mounted(&fx.mnt)),
+        "busy mount not detached after SIGTERM"
+    );
+    assert_eq!(
+        list_dir(&fx.mnt),
+        Vec::<String>::new(),
+        "mountpoint after detach"
+    );
+    assert!(alive(pid), "daemon exited while the mount was still in use");
+    let (dir, file) = with_timeout(STEP, move || {
+        let mut buf = vec![0u8; 64];
+        let n = file.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..n], b"lower g\n", "held file after detach");
+        file.write_at(b"LOWER", 0).unwrap();
+        file.sync_all().unwrap();
+        let via = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir));
+        fs::write(format!("{via}/after"), b"after\n").unwrap();
+        assert_eq!(
+            list_dir(&via),
+            ["after", "g"],
+            "held directory after detach"
+        );
+        let mut back = String::new();
+        fs::File::open(format!("{via}/g"))
+            .unwrap()
+            .read_to_string(&mut back)
+            .unwrap();
+        assert_eq!(back, "LOWER g\n");
+        (dir, file)
+    });
+    assert!(alive(pid), "daemon exited while files were open");
+    drop(file);
+    drop(dir);
+    assert_eq!(
+        wait_exit_status(pid, EXIT_WAIT),
+        Some(Ok(0)),
+        "daemon exit after the last user"
+    );
+    assert_file(fx.u("d/g"), b"LOWER g\n");
+    assert_file(fx.u("d/after"), b"after\n");
+    assert_work_clean(&fx.work);
+}
+
+/// errno of `op` run under a timeout (a hang fails the test).
+fn errno_within(
+    what: &'static str,
+    op: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+) -> i32 {
+    with_timeout(STEP, move || match op() {
+        Ok(()) => panic!("{what}: succeeded on a dead mount"),
+        Err(e) => e
+            .raw_os_error()
+            .unwrap_or_else(|| panic!("{what}: error without errno: {e}")),
+    })
+}
+
+/// Mount the fixture with the unionmount command; its output.
+fn mount_cmd(fx: &Fixture) -> std::process::Output {
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        fx.lowers[0].display(),
+        fx.upper.display(),
+        fx.work.display()
+    );
+    run_prog_within(
+        STEP,
+        unionmount_bin(),
+        vec![os("-o"), os(opts), os(&fx.mnt)],
+    )
+}
+
+/// SIGKILL the daemon while this process holds files open: stat, readdir and open on the
+/// mountpoint and inside it, and I/O on the held files, fail with ENOTCONN at once. A new
+/// mount over the dead one is refused with one line saying what to do; after
+/// `fusermount3 -u` a new mount over the same upper, work and mountpoint recovers: the
+/// workdir's leftovers (as a kill in the middle of a copy-up leaves them) are gone and
+/// every earlier write is there.
+#[test]
+fn sigkill_gives_enotconn_and_a_new_mount_recovers() {
+    if !unionmount_only() {
+        return;
+    }
+    let fx = fixture();
+    let _guard = MountGuard::adopt(&fx.mnt);
+    assert_quiet_success(&mount_cmd(&fx), "unionmount -o ... MNT");
+    make_changes(&fx);
+    let pid = the_daemon(&fx.mnt);
+    let (held_r, held_w) = within_mount(&fx, |fx| {
+        let r = fs::File::open(fx.m("d/g")).unwrap();
+        let w = fs::OpenOptions::new()
+            .write(true)
+            .open(fx.m("new"))
+            .unwrap();
+        (r, w)
+    });
+    kill(pid, libc::SIGKILL);
+    assert_eq!(
+        wait_exit_status(pid, EXIT_WAIT),
+        Some(Err(libc::SIGKILL)),
+        "daemon end"
+    );
+    let m = fx.mnt.clone();
+    let checks: Vec<(&'static str, i32)> = vec![
+        ("stat mountpoint", {
+            let m = m.clone();
+            errno_within("stat", move || fs::metadata(m).map(drop))
+        }),
+        ("readdir mountpoint", {
+            let m = m.clone();
+            errno_within("readdir", move || fs::read_dir(m).map(drop))
+        }),
+        ("open inside", {
+            let m = m.clone();
+            errno_within("open", move || fs::File::open(m.join("f")).map(drop))
+        }),
+        ("stat inside", {
+            let m = m.clone();
+            errno_within("stat inside", move || fs::metadata(m.join("new")).map(drop))
+        }),
+        (
+            "read held fd",
+            errno_within("read", move || held_r.read_at(&mut [0u8; 16], 0).map(drop)),
+        ),
+        ("fsync held fd", {
+            let w = held_w.try_clone().unwrap();
+            errno_within("fsync", move || w.sync_all())
+        }),
+        (
+            "fstat held fd",
+            errno_within("fstat", move || held_w.metadata().map(drop)),
+        ),
+    ];
+    for (what, e) in &checks {
+        assert_eq!(*e, libc::ENOTCONN, "{what}: got {}", errno_name(*e));
+    }
+
+    // Mounting over the dead mount: refused, one line naming the mountpoint and the way out.
+    let out = mount_cmd(&fx);
+    assert_ne!(out.status.code(), Some(0), "mounted over a dead mount");
+    let err = text(&out.stderr);
+    let mp = fx.mnt.display().to_string();
+    assert_eq!(err.lines().count(), 1, "stderr: {err}");
+    assert!(
+        err.starts_with(&format!("unionmount: mountpoint {mp}: "))
+            && err.contains(&format!("fusermount3 -u {mp}")),
+        "stderr: {err}"
+    );
+
+    let out = run_prog_within(STEP, "fusermount3", vec![os("-u"), os(&fx.mnt)]);
+    assert_quiet_success(&out, "fusermount3 -u on the dead mount");
+    assert!(!is_mounted(&fx.mnt));
+
+    // What a kill in the middle of a copy-up leaves behind in the workdir.
+    fs::write(fx.work.join("work/#staged-copy"), b"partial").unwrap();
+    fs::create_dir(fx.work.join("work/#staged-dir")).unwrap();
+    fs::write(fx.work.join("work/#staged-dir/x"), b"partial").unwrap();
+
+    assert_quiet_success(&mount_cmd(&fx), "unionmount over the same upper/work again");
+    assert_work_clean(&fx.work);
+    within_mount(&fx, |fx| {
+        assert_file(fx.m("new"), b"new\n");
+        assert_file(fx.m("f"), b"lower f\nappended\n");
+        assert_enoent(fx.m("gone"));
+        assert_file(fx.m("newdir/x"), b"x\n");
+        assert_file(fx.m("d/g"), b"lower g\n");
+        fs::write(fx.m("again"), b"again\n").unwrap();
+    });
+    assert_file(fx.u("again"), b"again\n");
+}
+
+/// Requests waiting for a daemon that dies must not hang their callers: with the daemon
+/// stopped, a lookup (`stat`) and an open+read (`cat`) block in the kernel waiting for an
+/// answer; SIGKILL the daemon and both end at once with ECONNABORTED. `umount -l` then
+/// removes the dead mount.
+#[test]
+fn daemon_killed_with_requests_in_flight_does_not_hang_callers() {
+    if !unionmount_only() {
+        return;
+    }
+    let fx = fixture();
+    let _m = mount(&driver(), &fx, true, &[]).unwrap();
+    let pid = the_daemon(&fx.mnt);
+    kill(pid, libc::SIGSTOP);
+    let spawn = |prog: &str, arg: &Path| {
+        Command::new(prog)
+            .arg(arg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let callers = vec![
+        spawn("stat", &fx.m("never-looked-up")),
+        spawn("cat", &fx.m("d/g")),
+    ];
+    let waiting = |c: &std::process::Child| {
+        fs::read_to_string(format!("/proc/{}/wchan", c.id()))
+            .is_ok_and(|w| w == "request_wait_answer")
+    };
+    let blocked = wait_for(EXIT_WAIT, || callers.iter().all(waiting));
+    if !blocked {
+        kill(pid, libc::SIGKILL);
+        panic!("the callers never blocked on the stopped daemon");
+    }
+    kill(pid, libc::SIGKILL);
+    for c in callers {
+        let out = with_timeout(STEP, move || c.wait_with_output().unwrap());
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = text(&out.stderr);
+        let want = errno_name(libc::ECONNABORTED);
+        let want = want.split(" (os error").next().unwrap();
+        assert!(err.trim_end().ends_with(want), "caller's error: {err}");
+    }
+    assert_eq!(wait_exit_status(pid, EXIT_WAIT), Some(Err(libc::SIGKILL)));
+    let out = run_prog_within(STEP, "umount", vec![os("-l"), os(&fx.mnt)]);
+    assert_quiet_success(&out, "umount -l on the dead mount");
+    assert!(!is_mounted(&fx.mnt));
+}
+
+/// A file opened for writing before the daemon is SIGKILLed. fsync on it fails with
+/// ENOTCONN in every mode, so a program that syncs learns its last writes may be lost.
+/// What a write() does depends on the data path: with FUSE passthrough the kernel writes
+/// the upper file directly, so the write succeeds and reaches the upper even with the
+/// daemon gone; without it (`passthrough=off`: writeback cache) the write ends in the page
+/// cache of a dead connection and never reaches the upper.
+#[test]
+fn writes_through_a_file_held_across_a_sigkill() {
+    if !unionmount_only() {
+        return;
+    }
+    for mode in ["off", "on"] {
+        let fx = fixture();
+        let log = fx.dir.join("daemon.log");
+        let opt = format!("passthrough={mode}");
+        let _m = mount_paths_env(
+            &driver(),
+            &fx.lowers,
+            Some(&fx.upper),
+            Some(&fx.work),
+            &fx.mnt,
+            &[&opt],
+            &[
+                ("UNIONMOUNT_LOG_FILE", log.to_str().unwrap()),
+                ("RUST_LOG", "info"),
+            ],
+        )
+        .unwrap();
+        let held = within_mount(&fx, |fx| {
+            fs::write(fx.m("new"), b"new\n").unwrap();
+            fs::OpenOptions::new()
+                .write(true)
+                .open(fx.m("new"))
+                .unwrap()
+        });
+        let pid = the_daemon(&fx.mnt);
+        kill(pid, libc::SIGKILL);
+        assert_eq!(wait_exit_status(pid, EXIT_WAIT), Some(Err(libc::SIGKILL)));
+        let (wrote, synced) = with_timeout(STEP, move || {
+            let w = held.write_at(b"late", 0).map_err(|e| e.raw_os_error());
+            let s = held.sync_all().map_err(|e| e.raw_os_error());
+            (w, s)
+        });
+        assert_eq!(
+            synced,
+            Err(Some(libc::ENOTCONN)),
+            "{opt}: fsync after the kill"
+        );
+        let passthrough = fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("capability passthrough: on");
+        if passthrough {
+            assert_eq!(wrote, Ok(4), "{opt}: passthrough write after the kill");
+            assert_file(fx.u("new"), b"late");
+        } else {
+            if mode == "on" {
+                eprintln!("note: passthrough=on but the kernel did not grant passthrough");
+            }
+            assert!(
+                matches!(wrote, Ok(4) | Err(Some(libc::ENOTCONN))),
+                "{opt}: write after the kill: {wrote:?}"
+            );
+            assert_file(fx.u("new"), b"new\n");
+        }
+    }
+}
