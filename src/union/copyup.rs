@@ -163,11 +163,15 @@ impl Union {
                     // fetches the content (O_TRUNC copy-ups fetch nothing).
                     let src = src_dir.open(name, OFlag::O_RDONLY)?;
                     copy_data(src.as_fd(), dst.as_fd(), st.st_size as u64)?;
+                    // The bytes reach the disk before the rename can: otherwise a crash
+                    // after the rename commits (any fsync on the upper fs commits it) leaves
+                    // an upper copy without data that hides the intact lower file, even when
+                    // the user only changed metadata. Kernel overlayfs does the same;
+                    // `fsync=0`/`volatile` skip it.
+                    if self.behaviour.fsync {
+                        nix::unistd::fdatasync(dst.as_fd()).map_err(nix_err)?;
+                    }
                 }
-                // No fsync here: durability is what the user asks for with fsync(2), which
-                // reaches the upper file (unless `fsync=0`/`volatile`). A daemon crash
-                // never exposes a partial copy (the rename is the commit point); a power
-                // loss right after a copy-up may.
             }
             libc::S_IFDIR => nix::sys::stat::mkdirat(work, tmp, Mode::from_bits_truncate(0o700))
                 .map_err(nix_err)?,
