@@ -363,6 +363,46 @@ fn copy_up_then_fsync_is_durable() {
     assert_eq!(img.mode("upper/a/g"), 0o600);
 }
 
+/// A copy-up nobody fsynced must not lose the lower file's bytes in a crash. A chmod
+/// copies `f` up (its bytes unchanged), then another program fsyncs an unrelated file on
+/// the same upper filesystem, which commits the journal and with it the copy-up's rename.
+/// A crash now may lose the chmod (then the lower file shows through again) but must never
+/// leave an upper copy without the data: that would hide the intact lower file behind an
+/// empty or short one. Kernel overlayfs fsyncs the copy before the rename for this reason.
+#[test]
+fn copy_up_without_fsync_never_hides_lower_data_after_a_crash() {
+    if !mount_allowed() {
+        return;
+    }
+    let disk = Disk::new("dur-copyup-crash");
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(disk.lower.join("f"), &data).unwrap();
+    fs::set_permissions(disk.lower.join("f"), fs::Permissions::from_mode(0o644)).unwrap();
+    let _m = disk.mount(&[]);
+    disk.flush();
+    let mnt = disk.mnt.clone();
+    with_timeout(STEP, move || {
+        fs::set_permissions(mnt.join("f"), fs::Permissions::from_mode(0o600)).unwrap();
+    });
+    assert_eq!(mode_of(disk.upper().join("f")), 0o600, "chmod copied f up");
+    write_and(&disk.mnt, "other", b"other\n", fs::File::sync_all);
+    let img = disk.crash_image();
+    assert_eq!(img.read("upper/other").as_deref(), Some(&b"other\n"[..]));
+    match img.read("upper/f") {
+        None => {}
+        Some(v) => {
+            let differ = v.iter().zip(&data).filter(|(a, b)| a != b).count();
+            assert!(
+                v == data,
+                "after a crash upper/f holds {} bytes ({differ} differ from the lower file's \
+                 {}): the intact lower data is hidden behind it",
+                v.len(),
+                data.len()
+            );
+        }
+    }
+}
+
 /// With `opt` (volatile, fsync=0), fsync and fdatasync return success and the data reads
 /// back, but nothing was synced: the daemon made no sync call, and (while the journal has
 /// not committed) a crash would lose the file.
