@@ -303,6 +303,7 @@ fn fsync_and_fdatasync_reach_the_disk() {
         return;
     }
     let disk = Disk::new("dur-fsync");
+    fs::write(disk.lower.join("old"), b"old\n").unwrap();
     let _m = disk.mount(&[]);
     disk.flush();
     let trace = trace_daemon(&disk);
@@ -319,6 +320,33 @@ fn fsync_and_fdatasync_reach_the_disk() {
             "daemon sync calls: {calls:?}"
         );
     }
+    drop(img);
+
+    // Names: a new directory and file, and a whiteout, made durable by fsync of the
+    // directories alone (the journal has not committed since, so only they can do it).
+    let before = disk.commits();
+    let mnt = disk.mnt.clone();
+    with_timeout(STEP, move || {
+        fs::create_dir(mnt.join("dd")).unwrap();
+        fs::write(mnt.join("dd/e"), b"e\n").unwrap();
+        fs::remove_file(mnt.join("old")).unwrap();
+    });
+    assert_eq!(
+        disk.commits(),
+        before,
+        "the journal committed without a sync"
+    );
+    let mnt = disk.mnt.clone();
+    with_timeout(STEP, move || {
+        fs::File::open(mnt.join("dd")).unwrap().sync_all().unwrap();
+        fs::File::open(&mnt).unwrap().sync_all().unwrap();
+    });
+    let img = disk.crash_image();
+    assert!(img.read("upper/dd/e").is_some(), "upper/dd/e not on disk");
+    assert!(
+        is_whiteout_in_upper(&img.at.join("upper/old")),
+        "no whiteout for old on disk"
+    );
 }
 
 /// A copy-up followed by fsync is durable: the copied-up file (lower bytes plus the
@@ -408,12 +436,20 @@ fn copy_up_without_fsync_never_hides_lower_data_after_a_crash() {
 /// not committed) a crash would lose the file.
 fn fsync_is_a_no_op_with(opt: &str) {
     let disk = Disk::new("dur-nosync");
+    fs::write(disk.lower.join("c"), b"lower c\n").unwrap();
     let _m = disk.mount(&[opt]);
     disk.flush();
     let before = disk.commits();
     let trace = trace_daemon(&disk);
     write_and(&disk.mnt, "v", b"not synced\n", fs::File::sync_all);
     write_and(&disk.mnt, "w", b"not synced either\n", fs::File::sync_data);
+    // A copy-up skips its fdatasync too.
+    let c = disk.mnt.join("c");
+    with_timeout(STEP, move || {
+        fs::set_permissions(&c, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::File::open(&c).unwrap().sync_all().unwrap();
+    });
+    assert_eq!(mode_of(disk.upper().join("c")), 0o600, "chmod copied c up");
     let v = disk.mnt.join("v");
     with_timeout(STEP, move || assert_file(v, b"not synced\n"));
     assert_file(disk.upper().join("w"), b"not synced either\n");
@@ -428,6 +464,7 @@ fn fsync_is_a_no_op_with(opt: &str) {
     if disk.commits() == before {
         assert_eq!(img.read("upper/v"), None, "{opt}: upper/v reached the disk");
         assert_eq!(img.read("upper/w"), None, "{opt}: upper/w reached the disk");
+        assert_eq!(img.read("upper/c"), None, "{opt}: upper/c reached the disk");
     } else {
         eprintln!(
             "note: {opt}: the test disk's journal committed during the test (a sync(2) \
