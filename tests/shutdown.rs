@@ -62,6 +62,54 @@ fn the_daemon(mnt: &Path) -> i32 {
     pids[0]
 }
 
+/// The state letter (R, S, D, T, t, Z, ...) of every thread of `pid`.
+fn task_states(pid: i32) -> Vec<String> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return vec![];
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("stat")).ok())
+        .map(|s| {
+            let after = s.rsplit(')').next().unwrap_or("").trim_start();
+            after.chars().next().unwrap_or('?').to_string()
+        })
+        .collect()
+}
+
+/// A helper process (strace) that must not outlive a failing test.
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    fn end(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// Mount the fixture rw with `opts`, the daemon logging at info level to `log`.
+fn mount_logged(fx: &Fixture, opts: &[&str], log: &Path) -> MountGuard {
+    mount_paths_env(
+        &driver(),
+        &fx.lowers,
+        Some(&fx.upper),
+        Some(&fx.work),
+        &fx.mnt,
+        opts,
+        &[
+            ("UNIONMOUNT_LOG_FILE", log.to_str().unwrap()),
+            ("RUST_LOG", "info"),
+        ],
+    )
+    .unwrap()
+}
+
 /// Changes of every kind through the mount: a new file, a copy-up, a whiteout, a new dir.
 fn make_changes(fx: &Fixture) {
     within_mount(fx, |fx| {
@@ -116,7 +164,8 @@ fn sigterm_busy_mount_detaches_lazily_and_users_keep_working() {
         return;
     }
     let fx = fixture();
-    let _m = mount(&driver(), &fx, true, &[]).unwrap();
+    let log = fx.dir.join("daemon.log");
+    let _m = mount_logged(&fx, &[], &log);
     let pid = the_daemon(&fx.mnt);
     let (dir, file) = within_mount(&fx, |fx| {
         let dir = fs::File::open(fx.m("d")).unwrap();
@@ -165,7 +214,8 @@ fn sigterm_busy_mount_detaches_lazily_and_users_keep_working() {
     assert_eq!(
         wait_exit_status(pid, EXIT_WAIT),
         Some(Ok(0)),
-        "daemon exit after the last user"
+        "daemon exit after the last user; its log:\n{}",
+        fs::read_to_string(&log).unwrap_or_default()
     );
     assert_file(fx.u("d/g"), b"LOWER g\n");
     assert_file(fx.u("d/after"), b"after\n");
@@ -312,6 +362,11 @@ fn daemon_killed_with_requests_in_flight_does_not_hang_callers() {
     let _m = mount(&driver(), &fx, true, &[]).unwrap();
     let pid = the_daemon(&fx.mnt);
     kill(pid, libc::SIGSTOP);
+    assert!(
+        wait_for(EXIT_WAIT, || task_states(pid).iter().all(|s| s == "T")),
+        "daemon threads not all stopped: {:?}",
+        task_states(pid)
+    );
     let spawn = |prog: &str, arg: &Path| {
         Command::new(prog)
             .arg(arg)
@@ -332,7 +387,18 @@ fn daemon_killed_with_requests_in_flight_does_not_hang_callers() {
     let blocked = wait_for(EXIT_WAIT, || callers.iter().all(waiting));
     if !blocked {
         kill(pid, libc::SIGKILL);
-        panic!("the callers never blocked on the stopped daemon");
+        let seen: Vec<String> = callers
+            .iter()
+            .map(|c| {
+                let w = fs::read_to_string(format!("/proc/{}/wchan", c.id())).unwrap_or_default();
+                format!(
+                    "{} wchan={w} state={:?}",
+                    c.id(),
+                    task_states(c.id() as i32)
+                )
+            })
+            .collect();
+        panic!("the callers never blocked on the stopped daemon: {seen:?}");
     }
     kill(pid, libc::SIGKILL);
     for c in callers {
@@ -364,19 +430,7 @@ fn writes_through_a_file_held_across_a_sigkill() {
         let fx = fixture();
         let log = fx.dir.join("daemon.log");
         let opt = format!("passthrough={mode}");
-        let _m = mount_paths_env(
-            &driver(),
-            &fx.lowers,
-            Some(&fx.upper),
-            Some(&fx.work),
-            &fx.mnt,
-            &[&opt],
-            &[
-                ("UNIONMOUNT_LOG_FILE", log.to_str().unwrap()),
-                ("RUST_LOG", "info"),
-            ],
-        )
-        .unwrap();
+        let _m = mount_logged(&fx, &[&opt], &log);
         let held = within_mount(&fx, |fx| {
             fs::write(fx.m("new"), b"new\n").unwrap();
             fs::OpenOptions::new()
@@ -414,4 +468,84 @@ fn writes_through_a_file_held_across_a_sigkill() {
             assert_file(fx.u("new"), b"new\n");
         }
     }
+}
+
+/// The daemon killed inside a handler: strace holds the daemon's pread64 of a lower file
+/// (a read the daemon has taken and not answered), then the daemon is SIGKILLed. The
+/// reader (`cat`) ends at once with the connection's error (ENOTCONN: the kernel reads
+/// ahead asynchronously, so the page fails; ECONNABORTED for a synchronous request) and
+/// never hangs; `fusermount3 -u` then removes the dead mount.
+#[test]
+fn daemon_killed_inside_a_read_does_not_hang_the_reader() {
+    if !unionmount_only() {
+        return;
+    }
+    let fx = fixture();
+    let _m = mount(&driver(), &fx, true, &[]).unwrap();
+    let pid = the_daemon(&fx.mnt);
+    let log = fx.dir.join("strace.log");
+    let mut strace = KillOnDrop(
+        Command::new("strace")
+            .args(["-f", "-qq", "-etrace=pread64"])
+            .arg("-einject=pread64:delay_enter=60000000")
+            .arg("-o")
+            .arg(&log)
+            .arg("-p")
+            .arg(pid.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn strace"),
+    );
+    let traced = wait_for(EXIT_WAIT, || {
+        fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+            s.lines()
+                .any(|l| l.starts_with("TracerPid:") && !l.ends_with("\t0"))
+        })
+    });
+    let reader = Command::new("cat")
+        .arg(fx.m("d/g"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The daemon has taken the read: a thread sits in the delayed pread64 (tracing stop).
+    let in_handler = traced
+        && wait_for(EXIT_WAIT, || {
+            fs::read_to_string(&log).is_ok_and(|l| l.contains("pread64("))
+                && task_states(pid).iter().any(|s| s == "t")
+        });
+    kill(pid, libc::SIGKILL);
+    // A thread held in a ptrace stop dies only once its tracer lets go: end strace too.
+    strace.end();
+    let out = with_timeout(STEP, move || reader.wait_with_output().unwrap());
+    assert!(
+        in_handler,
+        "the daemon never took the read (strace: {traced})"
+    );
+    assert_eq!(wait_exit_status(pid, EXIT_WAIT), Some(Err(libc::SIGKILL)));
+    assert_eq!(out.status.code(), Some(1), "reader: {out:?}");
+    assert_eq!(
+        text(&out.stdout),
+        "",
+        "reader got data from a killed daemon"
+    );
+    let err = text(&out.stderr);
+    let msg = |e: i32| {
+        errno_name(e)
+            .split(" (os error")
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        [libc::ENOTCONN, libc::ECONNABORTED]
+            .iter()
+            .any(|&e| err.trim_end().ends_with(&msg(e))),
+        "reader's error: {err}"
+    );
+    let out = run_prog_within(STEP, "fusermount3", vec![os("-u"), os(&fx.mnt)]);
+    assert_quiet_success(&out, "fusermount3 -u on the dead mount");
 }
