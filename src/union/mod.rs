@@ -863,7 +863,10 @@ fn map_in(map: &[IdMap], id: u32) -> u32 {
     65534
 }
 
-/// Creates `WORKDIR/work` or empties it of an earlier run's leftovers.
+/// Creates `WORKDIR/work` or empties it of an earlier run's leftovers. Refuses a workdir
+/// that kernel overlayfs marked `work/incompat/volatile` (a `volatile` mount used it and the
+/// upper may be inconsistent after a crash), as the kernel itself does: emptying it would
+/// erase that warning.
 fn prepare_workdir(w: &Layer) -> io::Result<OwnedFd> {
     let name = OsStr::new("work");
     match nix::sys::stat::mkdirat(
@@ -880,6 +883,22 @@ fn prepare_workdir(w: &Layer) -> io::Result<OwnedFd> {
         nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
         0,
     )?;
+    let incompat = OsStr::new("incompat");
+    if try_stat_at(fd.as_fd(), incompat)?.is_some_and(|st| is_dir(&st)) {
+        let dir = open_at(
+            fd.as_fd(),
+            incompat,
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
+            0,
+        )?;
+        if try_stat_at(dir.as_fd(), OsStr::new("volatile"))?.is_some() {
+            return Err(io::Error::other(
+                "work/incompat/volatile exists: kernel overlayfs used this upper with \
+                 'volatile' and it may be inconsistent after a crash; remove that directory \
+                 only if the upper is known to be intact",
+            ));
+        }
+    }
     for entry in readdir::list_names(fd.as_fd())? {
         remove_tree_at(fd.as_fd(), &entry)?;
     }
