@@ -30,7 +30,7 @@
 //! - Kernel overlayfs `volatile` leaves `work/work/incompat/volatile` behind and refuses
 //!   every later mount of that upper/work until it is removed; unionmount (like
 //!   fuse-overlayfs, which podman pairs with its own volatile bookkeeping) leaves no marker
-//!   and mounts the upper again.
+//!   and mounts the upper again, but refuses a workdir the kernel marked.
 
 mod common;
 
@@ -545,9 +545,11 @@ fn syncfs_durability() {
 }
 
 /// After a `volatile` mount is unmounted, what does the next (default) mount of the same
-/// upper/work do? Kernel overlayfs leaves `work/work/incompat/volatile` and refuses the
-/// mount until it is removed. unionmount leaves no marker: the next mount succeeds, shows
-/// what was written, and the workdir is clean.
+/// upper/work do? Kernel overlayfs leaves `work/work/incompat/volatile` and refuses every
+/// later mount until it is removed. unionmount leaves no marker (as fuse-overlayfs), but
+/// it honours the kernel's: over a workdir the kernel marked it refuses to mount, names the
+/// marker, and leaves it in place. Once it is removed the mount shows what was written and
+/// the workdir is clean.
 #[test]
 fn remount_after_volatile() {
     if !mount_allowed() {
@@ -561,22 +563,38 @@ fn remount_after_volatile() {
     let marker = disk.work().join("work/incompat/volatile");
     if is_kernel() {
         assert!(marker.is_dir(), "kernel overlayfs left no volatile marker");
-        let e = mount_paths(
-            &driver(),
-            std::slice::from_ref(&disk.lower),
-            Some(&disk.upper()),
-            Some(&disk.work()),
-            &disk.mnt,
-            &[],
-        );
-        assert!(
-            e.is_err(),
-            "kernel overlayfs mounted over a volatile workdir"
-        );
-        fs::remove_dir_all(&marker).unwrap();
     } else {
         assert!(!marker.exists(), "unionmount left {}", marker.display());
+        // What a volatile kernel overlay mount of this upper would have left.
+        fs::create_dir_all(&marker).unwrap();
+        fs::write(marker.join("dirty"), b"").unwrap();
     }
+    let refused = mount_paths(
+        &driver(),
+        std::slice::from_ref(&disk.lower),
+        Some(&disk.upper()),
+        Some(&disk.work()),
+        &disk.mnt,
+        &[],
+    );
+    let Err(e) = refused else {
+        panic!("mounted over a workdir marked work/incompat/volatile");
+    };
+    if !is_kernel() {
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!(
+                "workdir {}: work/incompat/volatile exists",
+                disk.work().display()
+            )),
+            "error: {msg}"
+        );
+    }
+    assert!(
+        marker.join("dirty").exists(),
+        "the volatile marker was erased"
+    );
+    fs::remove_dir_all(&marker).unwrap();
     let _m = disk.mount(&[]);
     let p = disk.mnt.join("kept");
     with_timeout(STEP, move || assert_file(p, b"kept\n"));
