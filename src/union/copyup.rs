@@ -93,6 +93,10 @@ impl Union {
         let ust = stat_at(upper_dir.fd()?, &name)?;
         parent.changed();
         self.nodes.set_upper(node, crate::layer::RealId::of(&ust));
+        if self.behaviour.fsync {
+            node.name_unsynced
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         let others: Vec<_> = {
             let mut state = node.write();
             if node.is_dir() {

@@ -246,11 +246,15 @@ impl Union {
             return Ok(());
         }
         let f = h.file();
-        if datasync {
-            f.sync_data()
-        } else {
-            f.sync_all()
+        // fdatasync of a file this mount copied up also commits the copy-up's rename (a
+        // full fsync does, through the ctime the rename set): otherwise a crash can lose
+        // the upper name, and with it the synced data (kernel overlayfs has that hole).
+        let full = !datasync || h.node.name_unsynced.swap(false, Ordering::AcqRel);
+        let r = if full { f.sync_all() } else { f.sync_data() };
+        if r.is_err() && datasync && full {
+            h.node.name_unsynced.store(true, Ordering::Release);
         }
+        r
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> io::Result<()> {

@@ -54,6 +54,9 @@ pub struct Node {
     /// request reaches the object while a racing rename or unlink has moved its name and
     /// the table has not caught up (see `Union::is_node_object`).
     pub handle: std::sync::OnceLock<Vec<u8>>,
+    /// Copied up by this mount and not fully fsynced since: the rename that gave it its
+    /// upper name may not be on disk, and fdatasync alone would not commit it.
+    pub name_unsynced: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -178,6 +181,7 @@ impl NodeTable {
                 generation: AtomicU64::new(0),
                 prefetched: std::sync::atomic::AtomicBool::new(false),
                 handle: std::sync::OnceLock::new(),
+                name_unsynced: std::sync::atomic::AtomicBool::new(false),
             }),
         );
         t
@@ -262,6 +266,7 @@ impl NodeTable {
                     generation: AtomicU64::new(0),
                     prefetched: std::sync::atomic::AtomicBool::new(false),
                     handle: std::sync::OnceLock::new(),
+                    name_unsynced: std::sync::atomic::AtomicBool::new(false),
                 });
                 self.nodes.insert(ino, n.clone());
                 n
