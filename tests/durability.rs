@@ -31,6 +31,12 @@
 //!   every later mount of that upper/work until it is removed; unionmount (like
 //!   fuse-overlayfs, which podman pairs with its own volatile bookkeeping) leaves no marker
 //!   and mounts the upper again, but refuses a workdir the kernel marked.
+//! - A copy-up is fdatasynced before its rename (as the kernel does): without that, a chmod
+//!   plus any later fsync on the upper fs and a crash left a zero-filled upper copy hiding
+//!   the intact lower file.
+//! - The first fdatasync after a copy-up is a full fsync in unionmount, so the copy-up's
+//!   rename is committed with the data. Kernel overlayfs can lose that rename (the file's
+//!   fdatasynced bytes vanish behind the lower file); the kernel runs accept that outcome.
 
 mod common;
 
