@@ -9,10 +9,14 @@
 //! - SIGTERM unmounts; when busy, the daemon detaches lazily: the mount leaves the table at
 //!   once, open files and a held directory keep working (reads, writes, creates land in the
 //!   upper), and the daemon exits 0 when the last user lets go.
-//! - After SIGKILL every new request (stat, readdir, open, and I/O on an fd opened before)
-//!   fails with ENOTCONN at once; a request the daemon never answered ends with
-//!   ECONNABORTED. `fusermount3 -u` or `umount -l` removes the dead mount, and a new mount
-//!   over the same upper/work cleans the workdir and shows every earlier write.
+//! - After SIGKILL every new request (stat, readdir, open, and reads, fstat and fsync on an
+//!   fd opened before) fails with ENOTCONN at once; a request queued for the daemon ends
+//!   with ECONNABORTED, a read the daemon had taken with ENOTCONN. Writes on a held fd are
+//!   the exception: with FUSE passthrough the kernel still writes the upper file directly
+//!   (the data lands), without it they end in the dead connection's page cache (lost);
+//!   fsync reports ENOTCONN either way. `fusermount3 -u` or `umount -l` removes the dead
+//!   mount, and a new mount over the same upper/work cleans the workdir and shows every
+//!   earlier write.
 //! - Mounting over the dead mount without unmounting it fails with one line that names the
 //!   mountpoint and the command that removes it (no automatic unmount: the dead mount may
 //!   belong to another program).
