@@ -384,9 +384,24 @@ fn daemon_killed_with_requests_in_flight_does_not_hang_callers() {
         spawn("stat", &fx.m("never-looked-up")),
         spawn("cat", &fx.m("d/g")),
     ];
+    // Blocked waiting for the FUSE answer. Where the kernel hides wchan symbols ("0"),
+    // settle for: asleep inside a syscall (the stopped daemon can answer nothing).
     let waiting = |c: &std::process::Child| {
-        fs::read_to_string(format!("/proc/{}/wchan", c.id()))
-            .is_ok_and(|w| w == "request_wait_answer")
+        let pid = c.id();
+        match fs::read_to_string(format!("/proc/{pid}/wchan")).as_deref() {
+            Ok("request_wait_answer") => true,
+            Ok("0") => {
+                let in_syscall =
+                    fs::read_to_string(format!("/proc/{pid}/syscall")).is_ok_and(|s| {
+                        s.split(' ')
+                            .next()
+                            .is_some_and(|n| n.parse::<u32>().is_ok())
+                    });
+                let asleep = task_states(pid as i32).iter().all(|s| s == "S" || s == "D");
+                in_syscall && asleep
+            }
+            _ => false,
+        }
     };
     let blocked = wait_for(EXIT_WAIT, || callers.iter().all(waiting));
     if !blocked {
