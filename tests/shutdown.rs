@@ -29,7 +29,7 @@ mod common;
 use common::*;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -567,4 +567,140 @@ fn daemon_killed_inside_a_read_does_not_hang_the_reader() {
     );
     let out = run_prog_within(STEP, "fusermount3", vec![os("-u"), os(&fx.mnt)]);
     assert_quiet_success(&out, "fusermount3 -u on the dead mount");
+}
+
+/// The unprivileged user the rootless case mounts as.
+const USER: (u32, u32) = (1000, 1000);
+
+/// A mount by an unprivileged user needs a setuid fusermount3 and a 0666 /dev/fuse; SKIP
+/// (or fail under UNIONMOUNT_REQUIRE_MOUNT=1) without them.
+fn rootless_allowed() -> bool {
+    let setuid = fs::metadata("/usr/bin/fusermount3").is_ok_and(|m| m.mode() & 0o4000 != 0);
+    let dev = fs::metadata("/dev/fuse").is_ok_and(|m| m.mode() & 0o666 == 0o666);
+    if setuid && dev {
+        return true;
+    }
+    let msg = "rootless SIGTERM: needs a setuid /usr/bin/fusermount3 and /dev/fuse 0666";
+    if std::env::var("UNIONMOUNT_REQUIRE_MOUNT").as_deref() == Ok("1") {
+        panic!("UNIONMOUNT_REQUIRE_MOUNT=1 but {msg}");
+    }
+    eprintln!("SKIP: {msg}");
+    false
+}
+
+/// SIGTERM to the daemon of an unprivileged user's mount (it unmounts through
+/// `fusermount3 -u -z`, not umount2): idle, the mount goes and the daemon exits 0 with the
+/// user's file in the upper and the workdir clean; busy (the user's shell has its cwd in
+/// the mount), the mount leaves the table at once, the shell still works in it, and the
+/// daemon exits 0 once the shell is gone.
+#[test]
+fn sigterm_rootless_daemon_unmounts_through_fusermount3() {
+    if !unionmount_only() || !rootless_allowed() {
+        return;
+    }
+    let fx = fixture();
+    for rel in ["", "d", "d/g", "f", "gone"] {
+        fx.chown(&fx.lowers[0], rel, USER.0, USER.1);
+    }
+    for p in [&fx.upper, &fx.work, &fx.mnt] {
+        lchown(p, USER.0, USER.1).unwrap();
+    }
+    let _guard = MountGuard::adopt(&fx.mnt);
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        fx.lowers[0].display(),
+        fx.upper.display(),
+        fx.work.display()
+    );
+    let mount_as_user = || {
+        let out = run_prog_within(
+            STEP,
+            "setpriv",
+            vec![
+                os(format!("--reuid={}", USER.0)),
+                os(format!("--regid={}", USER.1)),
+                os("--clear-groups"),
+                os("--"),
+                os(unionmount_bin()),
+                os("-o"),
+                os(&opts),
+                os(&fx.mnt),
+            ],
+        );
+        assert_quiet_success(&out, "unionmount as uid 1000");
+        the_daemon(&fx.mnt)
+    };
+    let mnt = fx.mnt.to_str().unwrap().to_string();
+
+    let pid = mount_as_user();
+    let (code, _, err) = sh_as(Some(USER), &fx.dir, &format!("echo mine > {mnt}/mine"));
+    assert_eq!(code, 0, "write as the user: {err}");
+    kill(pid, libc::SIGTERM);
+    assert!(
+        wait_for(EXIT_WAIT, || !is_mounted(&fx.mnt)),
+        "still mounted"
+    );
+    assert_eq!(wait_exit_status(pid, EXIT_WAIT), Some(Ok(0)), "daemon exit");
+    assert_file(fx.u("mine"), b"mine\n");
+    assert_eq!(
+        lstat(fx.u("mine")).map(|m| (m.uid(), m.gid())).unwrap(),
+        USER
+    );
+    assert_work_clean(&fx.work);
+
+    let pid = mount_as_user();
+    let mut shell = KillOnDrop(
+        Command::new("setpriv")
+            .args([
+                format!("--reuid={}", USER.0),
+                format!("--regid={}", USER.1),
+                "--clear-groups".into(),
+                "--".into(),
+                "sh".into(),
+                "-c".into(),
+                // Tell the test it is inside, wait for its go, then write through the cwd.
+                "cd \"$1\" && echo in && read go && { echo busy > busy && cat busy; } 2>&1".into(),
+                "sh".into(),
+                format!("{mnt}/d"),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = shell.0.stdout.take().unwrap();
+    let mut stdin = shell.0.stdin.take().unwrap();
+    let line = with_timeout(STEP, move || {
+        let mut b = [0u8; 3];
+        stdout.read_exact(&mut b).map(|()| (b, stdout))
+    });
+    let (first, mut stdout) = line.expect("the user's shell never got inside the mount");
+    assert_eq!(&first, b"in\n");
+    kill(pid, libc::SIGTERM);
+    assert!(
+        wait_for(EXIT_WAIT, || !is_mounted(&fx.mnt)),
+        "busy rootless mount not detached after SIGTERM"
+    );
+    assert!(alive(pid), "daemon exited while the shell was inside");
+    stdin.write_all(b"go\n").unwrap();
+    drop(stdin);
+    let rest = with_timeout(STEP, move || {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).map(|_| s)
+    })
+    .unwrap();
+    assert_eq!(
+        rest, "busy\n",
+        "the shell's write and read after the detach"
+    );
+    let status = shell.0.wait().unwrap();
+    assert!(status.success(), "user's shell: {status}");
+    assert_eq!(
+        wait_exit_status(pid, EXIT_WAIT),
+        Some(Ok(0)),
+        "daemon exit after the shell left"
+    );
+    assert_file(fx.u("d/busy"), b"busy\n");
+    assert_work_clean(&fx.work);
 }
