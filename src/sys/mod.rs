@@ -322,6 +322,20 @@ pub fn raise_nofile() {
     }
 }
 
+/// The soft limit on open files (RLIMIT_NOFILE); 1024 when it cannot be read, u64::MAX
+/// when unlimited.
+pub fn nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_cur
+}
+
 /// An all-zero `stat`, to be filled field by field (for entries of virtual layers).
 pub fn zeroed_stat() -> libc::stat {
     // SAFETY: `stat` is a plain C struct of integers; all-zero bytes are a valid value.

@@ -2,8 +2,10 @@
 //!
 //! - Directory fds by (node, layer): an fd follows its inode through renames, and node ids
 //!   are never reused, so an entry can go stale (its directory deleted) but never point at
-//!   another directory. Bounded: past `FD_CAP` entries an arbitrary tenth is dropped, so
-//!   the daemon never pins an fd per inode.
+//!   another directory. Bounded: past `fd_cap()` entries (a quarter of the open-file limit,
+//!   at most `FD_CAP`) an arbitrary tenth is dropped, so the daemon never pins an fd per
+//!   inode; and when an open fails with EMFILE/ENFILE the whole cache is dropped and the
+//!   open retried once, so a caller never sees EMFILE that closing cached fds would avoid.
 //! - Markers (opaque / xattr-whiteout flags) of LOWER directories by (dev, ino): lowers
 //!   are immutable, so an entry never goes stale. Upper directories are always re-read.
 //! - Name indexes of directories that merge many lower layers, by node: which of its lower
@@ -25,6 +27,8 @@ use super::whiteout::{DirMarks, OPAQUE_MARKER, oci_whiteout_target};
 use crate::layer::{LDir, LayerIdx, RealId};
 
 const FD_CAP: usize = 4096;
+/// Directory fds kept at least, however low the open-file limit.
+const FD_MIN: usize = 8;
 const INDEX_CAP: usize = 512;
 
 /// Where a name occurs among a directory's lower layers.
@@ -84,15 +88,28 @@ impl DirCache {
         &self,
         node: NodeId,
         layer: LayerIdx,
-        open: impl FnOnce() -> io::Result<LDir>,
+        open: impl Fn() -> io::Result<LDir>,
     ) -> io::Result<LDir> {
         if let Some(fd) = self.fds.get(&(node, layer)) {
             return Ok(fd.clone());
         }
-        let fd = open()?;
-        make_room(&self.fds, FD_CAP);
+        let fd = self.retry_if_out_of_fds(open)?;
+        make_room(&self.fds, fd_cap());
         self.fds.insert((node, layer), fd.clone());
         Ok(fd)
+    }
+
+    /// Runs `open`; when it fails for want of file descriptors, closes every cached
+    /// directory fd (they are only a cache) and runs it once more.
+    pub fn retry_if_out_of_fds<T>(&self, open: impl Fn() -> io::Result<T>) -> io::Result<T> {
+        match open() {
+            Err(e) if out_of_fds(&e) => {
+                log::debug!("out of file descriptors ({e}); dropping cached directory fds");
+                self.fds.clear();
+                open()
+            }
+            r => r,
+        }
     }
 
     pub fn index(
@@ -121,6 +138,23 @@ impl DirCache {
         self.marks.insert(id, m);
         Ok(m)
     }
+}
+
+/// EMFILE (this process) or ENFILE (the system) from an open.
+pub fn out_of_fds(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// The soft open-file limit, read once (after the daemon raised it to the hard limit).
+pub fn fd_limit() -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| usize::try_from(crate::sys::nofile_limit()).unwrap_or(usize::MAX))
+}
+
+/// How many directory fds the cache keeps: a quarter of the open-file limit, leaving the
+/// rest to open files, the prefetcher and the FUSE session.
+fn fd_cap() -> usize {
+    (fd_limit() / 4).clamp(FD_MIN, FD_CAP)
 }
 
 /// Keeps a cache under `cap` entries by dropping an arbitrary tenth when it is full.

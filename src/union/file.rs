@@ -116,11 +116,12 @@ impl Union {
         if upper && !self.is_node_object(node, &dir.stat(&name).map_err(io_stale)?) {
             return Err(err(libc::ESTALE));
         }
-        let fd = match dir.open(&name, of) {
+        let open = |of: OFlag| self.cache.retry_if_out_of_fds(|| dir.open(&name, of));
+        let fd = match open(of) {
             // O_NOATIME is refused for files the caller does not own: drop it, as it is only
             // an optimisation.
             Err(e) if e.raw_os_error() == Some(libc::EPERM) && flags & libc::O_NOATIME != 0 => {
-                dir.open(&name, of & !OFlag::O_NOATIME)
+                open(of & !OFlag::O_NOATIME)
             }
             // A whiteout (char device 0/0: ENXIO) or nothing put at the name since the check.
             Err(e) if upper && matches!(e.raw_os_error(), Some(libc::ENXIO | libc::ENOENT)) => {

@@ -8,7 +8,8 @@
 //! below a directory fd the union already holds, so it can change no state the union or a
 //! caller sees; the queue is bounded and newest-first (the subdirectories of the directory
 //! listed last are the ones a depth-first walker visits next); jobs that no longer fit are
-//! dropped. Lock order: only the queue mutex, never held across I/O.
+//! dropped. A job holds its parent's fd, so the queue is also kept under an eighth of the
+//! open-file limit (`queue_cap`), and a worker that meets EMFILE just skips the job. Lock order: only the queue mutex, never held across I/O.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -21,6 +22,11 @@ use nix::sys::stat::Mode;
 
 /// Jobs waiting at most; older ones are dropped first.
 const QUEUE_CAP: usize = 512;
+
+/// Jobs kept: `QUEUE_CAP`, or an eighth of the open-file limit when that is less.
+fn queue_cap() -> usize {
+    (super::dircache::fd_limit() / 8).clamp(1, QUEUE_CAP)
+}
 
 struct Job {
     parent: Arc<OwnedFd>,
@@ -120,7 +126,7 @@ fn push(shared: &Shared, job: Job) {
     if q.stop {
         return;
     }
-    if q.jobs.len() >= QUEUE_CAP {
+    if q.jobs.len() >= queue_cap() {
         q.jobs.pop_front();
     }
     q.jobs.push_back(job);
