@@ -243,7 +243,10 @@ impl NodeTable {
         let node = match existing {
             Some(n) => {
                 let mut st = n.write();
-                if !st.aliases.contains(&key) {
+                // The index maps every alias of a node to it (under the same lock), so it
+                // answers "already an alias?" in O(1): a linear scan of the aliases made
+                // listing a directory of N hard links of one file O(N^2).
+                if idx.by_name.get(&key) != Some(&ino) {
                     st.aliases.push(key.clone());
                 }
                 if upper_wins {
