@@ -164,7 +164,7 @@ impl UnionFs {
     /// Open flags for an open served by the daemon: keep the page cache across opens for
     /// lower files (immutable) and whenever all I/O goes through the daemon.
     fn cached_flags(&self, fh: u64) -> FopenFlags {
-        let lower = self.union.handle_file(fh).is_ok_and(|(_, upper)| !upper);
+        let lower = self.union.handle_is_upper(fh) == Some(false);
         if lower || !self.passthrough.load(Ordering::Relaxed) {
             FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
         } else {

@@ -1,17 +1,25 @@
 //! Open files and directories: handles, data I/O, and directory snapshots.
 //!
-//! A handle owns one real fd. A read-only open of a lower file reads the lower file until
-//! the node is copied up (by another open for write); from then on the handle re-opens the
-//! upper copy, so every reader sees the data writers wrote (as overlayfs since 4.19).
-//! A writable open always copies up first: a lower file never backs a writable handle.
+//! A handle has one real fd, or none for a while: handles holding an fd are kept under
+//! `handle_fd_cap()` (3/8 of the open-file limit), the oldest one's fd being closed when a
+//! new one is needed, and a handle without one re-opens its file by name on next use (the
+//! open flags minus O_TRUNC). So any number of files can be open through the mount
+//! whatever the daemon's RLIMIT_NOFILE. Before a name of a node goes (unlink, rename
+//! over it), every handle of the node gets its fd back and keeps it for good: an open but
+//! unlinked file cannot be re-opened by name. A read-only open of a lower file reads the
+//! lower file until the node is copied up (by another open for write); from then on the
+//! handle re-opens the upper copy, so every reader sees the data writers wrote (as
+//! overlayfs since 4.19). A writable open always copies up first: a lower file never
+//! backs a writable handle.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 
 use crate::layer::LDir;
+use std::collections::VecDeque;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use nix::fcntl::OFlag;
@@ -42,19 +50,39 @@ impl DirStream {
 
 pub struct Handle {
     pub node: Arc<Node>,
-    file: RwLock<Arc<File>>,
+    fh: u64,
+    /// None while closed to keep the daemon under its fd budget (see `HandleFds`).
+    file: RwLock<Option<Arc<File>>>,
     upper: AtomicBool,
+    /// Never closed again: the node lost (or is losing) a name.
+    pinned: AtomicBool,
     flags: i32,
 }
 
 impl Handle {
-    pub fn file(&self) -> Arc<File> {
+    /// The open file, if the handle holds one now.
+    pub fn open_file(&self) -> Option<Arc<File>> {
         self.file.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn is_upper(&self) -> bool {
         self.upper.load(Ordering::Acquire)
     }
+}
+
+/// Handles holding an fd, oldest first (entries of released handles are skipped when they
+/// come up), and how many handles have none now.
+#[derive(Default)]
+pub struct HandleFds {
+    order: std::sync::Mutex<VecDeque<u64>>,
+    closed: AtomicUsize,
+}
+
+/// Handles that keep an fd at most: 3/8 of the open-file limit; cached directory fds take
+/// up to 1/4, prefetch jobs 1/8, and the last quarter is left to copy-up, prefetch
+/// workers, pinned handles and the FUSE session.
+fn handle_fd_cap() -> usize {
+    (super::dircache::fd_limit() * 3 / 8).max(16)
 }
 
 /// Does an open with these flags write (or truncate)?
@@ -166,12 +194,90 @@ impl Union {
             fh,
             Arc::new(Handle {
                 node,
-                file: RwLock::new(Arc::new(File::from(fd))),
+                fh,
+                file: RwLock::new(Some(Arc::new(File::from(fd)))),
                 upper: AtomicBool::new(self.is_upper(li)),
+                pinned: AtomicBool::new(false),
                 flags,
             }),
         );
+        self.track_fd(fh);
         fh
+    }
+
+    /// Counts one more handle holding an fd; past the cap, closes the oldest others' fds.
+    fn track_fd(&self, fh: u64) {
+        let mut order = self
+            .handle_fds
+            .order
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        order.push_back(fh);
+        while order.len() > handle_fd_cap() {
+            let Some(victim) = order.pop_front() else {
+                break;
+            };
+            let Some(h) = self.handles.get(&victim).map(|h| h.clone()) else {
+                continue;
+            };
+            // A pinned handle or one of a node without a name keeps its fd (uncounted).
+            if h.pinned.load(Ordering::Acquire) || h.node.read().aliases.is_empty() {
+                continue;
+            }
+            if h.file
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .is_some()
+            {
+                self.handle_fds.closed.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// The handle's fd, re-opened by name if it was closed to save fds.
+    fn file_of(&self, h: &Handle) -> io::Result<Arc<File>> {
+        if let Some(f) = h.open_file() {
+            return Ok(f);
+        }
+        let mut slot = h.file.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = slot.as_ref() {
+            return Ok(f.clone());
+        }
+        let li = if h.is_upper() { 0 } else { h.node.top_layer() };
+        let fd = self.open_real(&h.node, li, h.flags & !libc::O_TRUNC)?;
+        let f = Arc::new(File::from(fd));
+        *slot = Some(f.clone());
+        drop(slot);
+        self.handle_fds.closed.fetch_sub(1, Ordering::AcqRel);
+        if !h.pinned.load(Ordering::Acquire) {
+            self.track_fd(h.fh);
+        }
+        Ok(f)
+    }
+
+    /// Gives every handle of `node` its fd back for good: a name of the node is about to
+    /// go, and a file without a name cannot be re-opened. Costs a scan of the open
+    /// handles only when fds are being closed or may soon be (half the cap in use).
+    pub(crate) fn pin_handles(&self, node: NodeId) -> io::Result<()> {
+        if self.handle_fds.closed.load(Ordering::Acquire) == 0
+            && self.handles.len() < handle_fd_cap() / 2
+        {
+            return Ok(());
+        }
+        let hs: Vec<Arc<Handle>> = self
+            .handles
+            .iter()
+            .filter(|h| h.node.id == node)
+            .map(|h| h.clone())
+            .collect();
+        for h in hs {
+            h.pinned.store(true, Ordering::Release);
+            if self.handle_fds.closed.load(Ordering::Acquire) > 0 {
+                self.file_of(&h)?;
+            }
+        }
+        Ok(())
     }
 
     fn handle(&self, fh: u64) -> io::Result<Arc<Handle>> {
@@ -186,11 +292,21 @@ impl Union {
         if !h.is_upper() && self.is_upper(h.node.top_layer()) {
             let fd = self.open_real(&h.node, 0, h.flags & !libc::O_TRUNC)?;
             let f = Arc::new(File::from(fd));
-            *h.file.write().unwrap_or_else(|e| e.into_inner()) = f.clone();
+            let old = h
+                .file
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .replace(f.clone());
             h.upper.store(true, Ordering::Release);
+            if old.is_none() {
+                self.handle_fds.closed.fetch_sub(1, Ordering::AcqRel);
+                if !h.pinned.load(Ordering::Acquire) {
+                    self.track_fd(h.fh);
+                }
+            }
             return Ok(f);
         }
-        Ok(h.file())
+        self.file_of(h)
     }
 
     /// Reads at `offset` into `buf` (until full or end of file); returns the length read.
@@ -214,7 +330,7 @@ impl Union {
         if !h.is_upper() {
             return Err(err(libc::EBADF));
         }
-        let f = h.file();
+        let f = self.file_of(&h)?;
         let mut done = 0;
         while done < data.len() {
             match f.write_at(&data[done..], offset + done as u64) {
@@ -234,11 +350,20 @@ impl Union {
     /// The real file behind a handle, and whether it is the upper's.
     pub fn handle_file(&self, fh: u64) -> io::Result<(Arc<File>, bool)> {
         let h = self.handle(fh)?;
-        Ok((h.file(), h.is_upper()))
+        Ok((self.file_of(&h)?, h.is_upper()))
+    }
+
+    /// Whether the handle's file is the upper's (None: no such handle).
+    pub fn handle_is_upper(&self, fh: u64) -> Option<bool> {
+        self.handles.get(&fh).map(|h| h.is_upper())
     }
 
     pub fn release(&self, fh: u64) {
-        self.handles.remove(&fh);
+        if let Some((_, h)) = self.handles.remove(&fh)
+            && h.open_file().is_none()
+        {
+            self.handle_fds.closed.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> io::Result<()> {
@@ -246,7 +371,7 @@ impl Union {
         if !self.behaviour.fsync || !h.is_upper() {
             return Ok(());
         }
-        let f = h.file();
+        let f = self.file_of(&h)?;
         // fdatasync of a file this mount copied up also commits the copy-up's rename (a
         // full fsync does, through the ctime the rename set): otherwise a crash can lose
         // the upper name, and with it the synced data (kernel overlayfs has that hole).
@@ -264,7 +389,7 @@ impl Union {
             return Err(err(libc::EBADF));
         }
         nix::fcntl::fallocate(
-            h.file().as_fd(),
+            self.file_of(&h)?.as_fd(),
             nix::fcntl::FallocateFlags::from_bits_truncate(mode),
             offset as i64,
             len as i64,
@@ -292,7 +417,7 @@ impl Union {
             return Err(err(libc::EBADF));
         }
         let fi = self.current_file(&hi)?;
-        let fo = ho.file();
+        let fo = self.file_of(&ho)?;
         let (mut a, mut b) = (off_in as i64, off_out as i64);
         let want = len.min(u32::MAX as u64 & !0xfff) as usize;
         let n =

@@ -107,6 +107,7 @@ pub struct Union {
     handle_ok: std::sync::atomic::AtomicBool,
     pub nodes: NodeTable,
     pub(crate) handles: DashMap<u64, Arc<file::Handle>>,
+    pub(crate) handle_fds: file::HandleFds,
     pub(crate) cache: dircache::DirCache,
     pub(crate) dirs: DashMap<u64, Arc<file::DirStream>>,
     /// Listings of directory streams read without OPENDIR, by directory.
@@ -206,6 +207,7 @@ impl Union {
             has_upper,
             work,
             handles: DashMap::new(),
+            handle_fds: file::HandleFds::default(),
             cache: dircache::DirCache::default(),
             dirs: DashMap::new(),
             streams: DashMap::new(),
@@ -775,16 +777,16 @@ impl Union {
         Ok(())
     }
 
-    fn open_handles_of(&self, node: &Node) -> Option<Arc<file::Handle>> {
+    /// An open file of `node` held by one of its handles.
+    fn open_file_of(&self, node: &Node) -> Option<Arc<std::fs::File>> {
         self.handles
             .iter()
-            .find(|h| h.node.id == node.id)
-            .map(|h| h.clone())
+            .filter(|h| h.node.id == node.id)
+            .find_map(|h| h.open_file())
     }
 
     fn stat_open(&self, node: &Node) -> Option<FileStat> {
-        let h = self.open_handles_of(node)?;
-        let f = h.file();
+        let f = self.open_file_of(node)?;
         nix::sys::stat::fstat(f.as_fd()).ok()
     }
 }

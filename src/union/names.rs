@@ -269,6 +269,9 @@ impl Union {
         if dir && !self.merged_dir_is_empty(&pnode, name, &child)? {
             return Err(err(libc::ENOTEMPTY));
         }
+        if let ChildRef::Bound(n) = &child {
+            self.pin_handles(n.id)?;
+        }
         self.copy_up(&pnode, Data::All)?;
         let udir = self.dir_in(&pnode, 0)?;
         let udir = udir.fd()?;
@@ -405,6 +408,9 @@ impl Union {
         }
         if exchange && dst.is_none() {
             return Err(err(libc::ENOENT));
+        }
+        if !exchange && let Some(ChildRef::Bound(n)) = &dst {
+            self.pin_handles(n.id)?;
         }
         let has_lower = |c: &ChildRef| c.layers().iter().any(|&l| !self.is_upper(l));
         let src_dir = src.kind() == libc::S_IFDIR;
@@ -598,9 +604,9 @@ impl Union {
             if node.is_dir() {
                 return Err(err(libc::EISDIR));
             }
-            match fh.and_then(|f| self.handles.get(&f).map(|h| h.clone())) {
-                Some(h) if h.is_upper() => {
-                    nix::unistd::ftruncate(h.file().as_fd(), sz as i64).map_err(nix_err)?
+            match fh.and_then(|f| self.handle_file(f).ok()) {
+                Some((file, true)) => {
+                    nix::unistd::ftruncate(file.as_fd(), sz as i64).map_err(nix_err)?
                 }
                 _ => {
                     let f = open_at(dir, &name, OFlag::O_WRONLY | OFlag::O_NONBLOCK, 0)?;
