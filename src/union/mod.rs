@@ -778,7 +778,7 @@ impl Union {
     }
 
     /// An open file of `node` held by one of its handles.
-    fn open_file_of(&self, node: &Node) -> Option<Arc<std::fs::File>> {
+    pub(crate) fn open_file_of(&self, node: &Node) -> Option<Arc<std::fs::File>> {
         self.handles
             .iter()
             .filter(|h| h.node.id == node.id)

@@ -571,7 +571,20 @@ impl Union {
             Data::All
         };
         self.copy_up(&node, data)?;
-        let (dir, name) = self.parent_in(&node, 0)?;
+        let (dir, name) = match self.parent_in(&node, 0) {
+            Ok(v) => v,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                // Open but unlinked: no name reaches it any more, an open fd still does
+                // (the kernel's writeback cache flushes times with SETATTR on fsync).
+                let file = fh
+                    .and_then(|f| self.handle_file(f).ok())
+                    .map(|(f, _)| f)
+                    .or_else(|| self.open_file_of(&node))
+                    .ok_or(e)?;
+                return self.setattr_unlinked(&node, &file, mode, uid, gid, size, atime, mtime);
+            }
+            Err(e) => return Err(e),
+        };
         let dir = dir.fd()?;
         // A racing unlink or rename may have put a whiteout or another object at the name
         // (see `is_node_object`): never change that one. Nothing below follows a symlink.
@@ -630,5 +643,42 @@ impl Union {
             .map_err(nix_err)?;
         }
         self.getattr(&node)
+    }
+
+    /// setattr of a node without a name, through an open file of it.
+    #[allow(clippy::too_many_arguments)]
+    fn setattr_unlinked(
+        &self,
+        node: &Node,
+        file: &std::fs::File,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeSpec>,
+        mtime: Option<TimeSpec>,
+    ) -> io::Result<Attr> {
+        let fd = file.as_fd();
+        if uid.is_some() || gid.is_some() {
+            nix::unistd::fchown(
+                fd,
+                uid.map(|u| nix::unistd::Uid::from_raw(self.uid_in(u))),
+                gid.map(|g| nix::unistd::Gid::from_raw(self.gid_in(g))),
+            )
+            .map_err(nix_err)?;
+        }
+        if let Some(m) = mode {
+            nix::sys::stat::fchmod(fd, Mode::from_bits_truncate(m & 0o7777)).map_err(nix_err)?;
+        }
+        if let Some(sz) = size {
+            nix::unistd::ftruncate(fd, sz as i64).map_err(nix_err)?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            let omit = TimeSpec::new(0, libc::UTIME_OMIT);
+            nix::sys::stat::futimens(fd, &atime.unwrap_or(omit), &mtime.unwrap_or(omit))
+                .map_err(nix_err)?;
+        }
+        let st = nix::sys::stat::fstat(fd).map_err(nix_err)?;
+        Ok(self.finish_attr(node, st))
     }
 }
