@@ -354,6 +354,36 @@ fn hold_many_open(fx: &Fixture, pid: i32) {
             fh.read_to_end(&mut v).unwrap();
             assert_eq!(v, body("b", *i));
         }
+        // Four threads read all the read-only files at once, three rounds, with their
+        // cached pages dropped first: the daemon closes and re-opens handle fds under them
+        // concurrently.
+        let ro = Arc::new(ro);
+        let readers: Vec<_> = (0..4)
+            .map(|t| {
+                let ro = ro.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..3 {
+                        for (i, fh) in ro.iter().skip(t).step_by(4) {
+                            let want = body("b", *i);
+                            // Drop the cached pages, so that the read reaches the daemon.
+                            nix::fcntl::posix_fadvise(
+                                fh,
+                                0,
+                                0,
+                                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+                            )
+                            .unwrap();
+                            let mut v = vec![0u8; want.len() + 1];
+                            let n = fh.read_at(&mut v, 0).unwrap();
+                            assert_eq!(&v[..n], &want[..], "concurrent read of d{i:04}/b");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for r in readers {
+            r.join().unwrap();
+        }
         for (i, fh) in rw.iter_mut().enumerate() {
             fh.write_all(&body("w", i))
                 .unwrap_or_else(|e| panic!("write to open file w{i}: {e}"));
