@@ -1332,3 +1332,111 @@ pub fn wait_exit_status(pid: i32, limit: Duration) -> Option<Result<i32, i32>> {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Data-path syscalls (the integrity exerciser): mmap, fallocate, copy_file_range
+// ---------------------------------------------------------------------------------------
+
+/// A `MAP_SHARED` mapping of `len` bytes of a file at a page-aligned `offset`; unmapped on
+/// drop. The caller keeps the mapping inside the file's size (a page past EOF is SIGBUS).
+pub struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    /// mmap(2) `len` (> 0) bytes of `fd` at `offset` (a multiple of the page size), shared,
+    /// readable, and writable when `writable`.
+    pub fn new(
+        fd: &impl std::os::fd::AsRawFd,
+        offset: u64,
+        len: usize,
+        writable: bool,
+    ) -> io::Result<Mapping> {
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh mapping chosen by the kernel (addr NULL); nothing else aliases it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping { ptr: p.cast(), len })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: ptr..ptr+len is mapped readable for the life of self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// Only for a mapping made `writable`.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr..ptr+len is mapped (writable by the caller's contract) for the life of
+        // self, and &mut self makes this the only slice over it.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// msync(MS_SYNC) of the whole mapping.
+    pub fn sync(&self) -> io::Result<()> {
+        // SAFETY: ptr/len describe a live mapping of ours.
+        cvt(unsafe { libc::msync(self.ptr.cast(), self.len, libc::MS_SYNC) }).map(|_| ())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len describe a live mapping of ours; no slice outlives self.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// fallocate(2) on `fd`.
+pub fn fallocate(
+    fd: &impl std::os::fd::AsRawFd,
+    mode: libc::c_int,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd the caller owns.
+    cvt(unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    })
+    .map(|_| ())
+}
+
+/// copy_file_range(2) with explicit offsets (the fds' positions are untouched); returns
+/// the number of bytes copied (0 at the source's end).
+pub fn copy_file_range(
+    src: &impl std::os::fd::AsRawFd,
+    off_in: u64,
+    dst: &impl std::os::fd::AsRawFd,
+    off_out: u64,
+    len: usize,
+) -> io::Result<usize> {
+    let mut a = off_in as libc::loff_t;
+    let mut b = off_out as libc::loff_t;
+    // SAFETY: plain syscall; the offsets point to live locals.
+    let r =
+        unsafe { libc::copy_file_range(src.as_raw_fd(), &mut a, dst.as_raw_fd(), &mut b, len, 0) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
