@@ -1440,3 +1440,10 @@ pub fn copy_file_range(
         Ok(r as usize)
     }
 }
+
+/// truncate(2) by path.
+pub fn truncate(p: &Path, len: u64) -> io::Result<()> {
+    let c = cpath(p);
+    // SAFETY: valid NUL-terminated path.
+    cvt(unsafe { libc::truncate(c.as_ptr(), len as libc::off_t) }).map(|_| ())
+}
