@@ -270,9 +270,31 @@ struct Stats {
     whole_checks: usize,
 }
 
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.pread += o.pread;
+        self.pwrite += o.pwrite;
+        self.append += o.append;
+        self.truncate += o.truncate;
+        self.fallocate += o.fallocate;
+        self.fallocate_refused += o.fallocate_refused;
+        self.mmap_read += o.mmap_read;
+        self.mmap_write += o.mmap_write;
+        self.copy_range += o.copy_range;
+        self.copy_overlap += o.copy_overlap;
+        self.copy_short += o.copy_short;
+        self.open_trunc += o.open_trunc;
+        self.reopen += o.reopen;
+        self.close += o.close;
+        self.whole_checks += o.whole_checks;
+    }
+}
+
 /// One exerciser run over one mount.
 struct Run {
     name: String,
+    /// Which thread, while two run at once.
+    part: &'static str,
     seed: u64,
     ops: usize,
     rng: Rng,
@@ -327,9 +349,10 @@ impl Run {
     fn fail(&self, msg: impl std::fmt::Display) -> ! {
         let log: Vec<&str> = self.log.iter().map(String::as_str).collect();
         panic!(
-            "{}: step {}: {msg}\nreplay: UNIONMOUNT_INTEGRITY_SEED={:#x} UNIONMOUNT_INTEGRITY_OPS={} \
+            "{}{}: step {}: {msg}\nreplay: UNIONMOUNT_INTEGRITY_SEED={:#x} UNIONMOUNT_INTEGRITY_OPS={} \
              cargo test --test integrity {}\nlast operations:\n  {}",
             self.name,
+            self.part,
             self.step,
             self.seed,
             self.ops * TESTS,
@@ -502,8 +525,9 @@ impl Run {
         }
     }
 
-    fn exercise(&mut self) {
-        for step in 0..self.ops {
+    /// Steps `from..to` of this run's sequence.
+    fn exercise(&mut self, from: usize, to: usize) {
+        for step in from..to {
             self.step = step;
             // Fd indices stay valid within a step; extra fds are closed between steps.
             for t in 0..self.files.len() {
@@ -537,6 +561,55 @@ impl Run {
                 self.check_all_fresh("periodic check of every file");
             }
         }
+    }
+
+    /// Moves every other file into a second run (its own PRNG stream, log and stats) for a
+    /// second thread: the two work on disjoint files of one mount at once.
+    fn split(&mut self) -> Run {
+        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        for (k, t) in std::mem::take(&mut self.files).into_iter().enumerate() {
+            if k % 2 == 0 {
+                mine.push(t);
+            } else {
+                theirs.push(t);
+            }
+        }
+        self.files = mine;
+        self.part = " (thread 1 of 2)";
+        for files in [&self.files, &theirs] {
+            assert!(
+                files.iter().any(|t| !t.read_only),
+                "each half needs a writable file"
+            );
+        }
+        Run {
+            name: self.name.clone(),
+            part: " (thread 2 of 2)",
+            seed: self.seed,
+            ops: self.ops,
+            rng: Rng::new(self.rng.next()),
+            mnt: self.mnt.clone(),
+            files: theirs,
+            falloc: self.falloc.clone(),
+            log: VecDeque::new(),
+            step: self.step,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Takes the files (in their first order) and counts of `other` back.
+    fn join(&mut self, other: Run) {
+        let mine = std::mem::take(&mut self.files);
+        let mut a = mine.into_iter();
+        let mut b = other.files.into_iter();
+        loop {
+            match (a.next(), b.next()) {
+                (None, None) => break,
+                (x, y) => self.files.extend(x.into_iter().chain(y)),
+            }
+        }
+        self.stats.add(&other.stats);
+        self.part = "";
     }
 
     fn op_pread(&mut self, i: usize) {
@@ -1249,6 +1322,7 @@ fn exercise(name: &str, kind: Kind, passthrough_off: bool) {
 
     let mut run = Run {
         name: name.to_string(),
+        part: "",
         seed,
         ops,
         rng: Rng::new(test_seed),
@@ -1279,7 +1353,19 @@ fn exercise(name: &str, kind: Kind, passthrough_off: bool) {
             run.fail(format!("create {}: {e}", p.display()));
         }
         run.check_all_fresh("before the first operation");
-        run.exercise();
+        // Half the steps on two threads at once, each on its own half of the files
+        // (sibling copy-ups racing, requests for two files interleaved), the rest on one.
+        let quarter = run.ops / 4;
+        let mut other = run.split();
+        std::thread::scope(|s| {
+            let h = s.spawn(|| other.exercise(0, quarter));
+            run.exercise(0, quarter);
+            if let Err(p) = h.join() {
+                std::panic::resume_unwind(p);
+            }
+        });
+        run.join(other);
+        run.exercise(2 * quarter, run.ops);
         run.step = run.ops;
         run.close_all();
         for i in 0..run.files.len() {
