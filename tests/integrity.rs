@@ -9,10 +9,15 @@
 //!   bytes of the affected range (pread through another readable fd, or a fresh open);
 //! - every `WHOLE_EVERY` steps one whole file, every `ALL_EVERY` steps every file through a
 //!   fresh open of its path;
-//! - at the end every file, then after unmount and remount every file again
-//!   (persistence); the upper holds exactly the files that started there plus those opened
-//!   for writing (a file only ever read stays in its lower layer), with the model's bytes,
-//!   and the lower directory layers are untouched; nothing is left in the workdir.
+//! - at the end of the first mount every file, and after unmount and remount every file
+//!   again (persistence); the last tenth of the steps then run on that second mount;
+//! - after it, the upper holds exactly the files that started there plus those opened for
+//!   writing or truncated (a file only ever read stays in its lower layer), with the
+//!   model's bytes; the lower directory layers are untouched; nothing is left in the
+//!   workdir.
+//!
+//! The first half of the steps runs on two threads at once, each with its own half of the
+//! files (so sibling copy-ups race and the daemon interleaves requests for two files).
 //! - fallocate: each mode must succeed or fail exactly as on kernel overlayfs over the same
 //!   filesystem (probed once per run; the upper filesystem's own answer when overlayfs is
 //!   not available); a copy_file_range within one file over overlapping ranges is EINVAL.
@@ -1365,8 +1370,7 @@ fn exercise(name: &str, kind: Kind, passthrough_off: bool) {
             }
         });
         run.join(other);
-        run.exercise(2 * quarter, run.ops);
-        run.step = run.ops;
+        run.exercise(2 * quarter, run.ops - run.ops / 10);
         run.close_all();
         for i in 0..run.files.len() {
             run.check_whole(i, "at the end, all fds closed");
@@ -1395,6 +1399,11 @@ fn exercise(name: &str, kind: Kind, passthrough_off: bool) {
     let guard = setup.mount();
     let mut run = with_timeout(watchdog, move || {
         run.check_all_fresh("after unmount and remount");
+        // The last tenth of the steps on the new mount, over the copies made by the old.
+        run.exercise(run.ops - run.ops / 10, run.ops);
+        run.step = run.ops;
+        run.close_all();
+        run.check_all_fresh("at the end of the second mount");
         run
     });
     guard.unmount().expect("clean unmount after the remount");
