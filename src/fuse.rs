@@ -807,6 +807,15 @@ impl Filesystem for UnionFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        if self.union.writeback && self.union.has_upper {
+            // The kernel sends SEEK_DATA/SEEK_HOLE here without writing its dirty pages
+            // back first: the real file would show holes where the page cache holds data
+            // (and `cp --sparse` would copy zeros). ENOSYS makes the kernel stop asking, for
+            // the whole mount as the cache is, and answer itself: data up to its own size,
+            // one hole at the end. Never wrong, only less sparse. (A mount without an upper
+            // has no writes to cache: its answers stay exact.)
+            return reply.error(Errno::ENOSYS);
+        }
         match self.union.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(errno(e)),

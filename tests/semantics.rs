@@ -1084,17 +1084,26 @@ fn copyup_preserves_holes() {
         let segs = data_segments(f.as_raw_fd(), (64 * MIB + 1) as i64);
         let uf = File::open(fx.u("sparse")).unwrap();
         let usegs = data_segments(uf.as_raw_fd(), (64 * MIB + 1) as i64);
-        assert_eq!(
-            segs, usegs,
-            "SEEK_DATA/SEEK_HOLE through the mount match the upper file"
-        );
-        assert!(segs.len() >= 2, "expected holes, got {segs:?}");
-        assert_eq!(segs[0].0, 0);
-        let mid = lseek(f.as_raw_fd(), 4 * MIB as i64, libc::SEEK_DATA).unwrap();
-        assert!(
-            mid > 4 * MIB as i64 && mid <= 32 * MIB as i64,
-            "data after a hole at {mid}"
-        );
+        let writeback = !is_kernel()
+            && std::env::var("UNIONMOUNT_TEST_OPTS").is_ok_and(|o| o.contains("passthrough=off"));
+        if writeback {
+            // Under the writeback cache the kernel answers SEEK_DATA/SEEK_HOLE itself on a
+            // writable mount (the daemon's real file may lag its page cache): all data, one
+            // hole at the end. See `lseek` in src/fuse.rs.
+            assert_eq!(segs, [(0, (64 * MIB + 1) as i64)], "one data segment");
+        } else {
+            assert_eq!(
+                segs, usegs,
+                "SEEK_DATA/SEEK_HOLE through the mount match the upper file"
+            );
+            assert!(segs.len() >= 2, "expected holes, got {segs:?}");
+            assert_eq!(segs[0].0, 0);
+            let mid = lseek(f.as_raw_fd(), 4 * MIB as i64, libc::SEEK_DATA).unwrap();
+            assert!(
+                mid > 4 * MIB as i64 && mid <= 32 * MIB as i64,
+                "data after a hole at {mid}"
+            );
+        }
         let mut buf = [0u8; 4];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 32 * MIB).unwrap();
         assert_eq!(buf, [0xCD; 4]);
