@@ -1447,3 +1447,14 @@ pub fn truncate(p: &Path, len: u64) -> io::Result<()> {
     // SAFETY: valid NUL-terminated path.
     cvt(unsafe { libc::truncate(c.as_ptr(), len as libc::off_t) }).map(|_| ())
 }
+
+/// lseek(2) on `fd` (e.g. SEEK_DATA / SEEK_HOLE); moves the fd's position.
+pub fn lseek(fd: &impl std::os::fd::AsRawFd, off: i64, whence: libc::c_int) -> io::Result<i64> {
+    // SAFETY: plain syscall on an fd the caller owns.
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), off as libc::off_t, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as i64)
+    }
+}
