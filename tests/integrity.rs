@@ -39,7 +39,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -274,6 +274,7 @@ struct Stats {
     reopen: usize,
     close: usize,
     whole_checks: usize,
+    sparse_copy_ups: usize,
 }
 
 impl Stats {
@@ -294,6 +295,7 @@ impl Stats {
         self.reopen += o.reopen;
         self.close += o.close;
         self.whole_checks += o.whole_checks;
+        self.sparse_copy_ups += o.sparse_copy_ups;
     }
 }
 
@@ -306,6 +308,8 @@ struct Run {
     ops: usize,
     rng: Rng,
     mnt: PathBuf,
+    /// The upper directory (to check what a copy-up wrote).
+    upper: PathBuf,
     files: Vec<Tracked>,
     falloc: Vec<Result<(), i32>>,
     log: VecDeque<String>,
@@ -402,12 +406,17 @@ impl Run {
             Err(e) => self.fail(format!("open {} {acc:?} trunc={trunc}: {e}", p.display())),
         };
         let t = &mut self.files[i];
+        let copy_up = !t.in_upper() && (acc != Access::Ro || trunc);
         if trunc {
             t.data.clear();
         }
         if acc != Access::Ro || trunc {
             t.written = true;
         }
+        if copy_up && !trunc {
+            self.check_copy_up_sparse(i);
+        }
+        let t = &mut self.files[i];
         let before_copy_up = acc == Access::Ro && !t.in_upper();
         t.fds.push(Open {
             file,
@@ -415,6 +424,43 @@ impl Run {
             before_copy_up,
         });
         t.fds.len() - 1
+    }
+
+    /// Right after file `i` was copied up (the model still holds its layer's bytes): the
+    /// upper copy has its size and keeps the holes of a lower file (it allocates at most
+    /// the 1 MiB chunks that hold data, which is what kernel overlayfs allocates).
+    fn check_copy_up_sparse(&mut self, i: usize) {
+        let t = &self.files[i];
+        let up = self.upper.join(&t.rel);
+        let m = match fs::metadata(&up) {
+            Ok(m) => m,
+            Err(e) => self.fail(format!("copy-up of {}: upper {}: {e}", t.rel, up.display())),
+        };
+        if m.len() as usize != t.data.len() {
+            self.fail(format!(
+                "copy-up of {}: upper size {}, want {}",
+                t.rel,
+                m.len(),
+                t.data.len()
+            ));
+        }
+        if t.origin != Origin::Lower {
+            return;
+        }
+        let has_data = |c: &[u8]| c.iter().any(|&b| b != 0);
+        let data_pages = t.data.chunks(PAGE).filter(|c| has_data(c)).count();
+        let data_chunks = t.data.chunks(MIB).filter(|c| has_data(c)).count();
+        // Kernel overlayfs skips holes a 1 MiB chunk at a time.
+        let allowed = data_chunks * MIB + data_pages * PAGE;
+        let allocated = m.blocks() as usize * 512;
+        if allocated > allowed {
+            self.fail(format!(
+                "copy-up of {} filled holes: {allocated} bytes allocated in the upper for \
+                 {data_pages} data pages",
+                t.rel
+            ));
+        }
+        self.stats.sparse_copy_ups += 1;
     }
 
     /// An fd of file `i` with one of `kinds` (opened when there is none, sometimes anyway).
@@ -596,6 +642,7 @@ impl Run {
             ops: self.ops,
             rng: Rng::new(self.rng.next()),
             mnt: self.mnt.clone(),
+            upper: self.upper.clone(),
             files: theirs,
             falloc: self.falloc.clone(),
             log: VecDeque::new(),
@@ -1272,7 +1319,10 @@ fn build(kind: Kind, passthrough_off: bool) -> (Setup, Vec<Tracked>) {
     match kind {
         Kind::Dirs => {
             let (top, base) = (fx.lowers[0].clone(), fx.lowers[1].clone());
-            let lower: [(&Path, &str, Vec<u8>, bool); 6] = [
+            let mut holes = vec![0u8; 4 * MIB];
+            Rng::new(6).fill(&mut holes[2 * MIB + 100..2 * MIB + 4100]);
+            let lower: [(&Path, &str, Vec<u8>, bool); 7] = [
+                (&top, "data/holes.bin", holes, false),
                 (&base, "data/shadowed.bin", noise(200 * KIB, 1), false),
                 (&base, "data/base.bin", noise(MIB, 2), false),
                 (&top, "data/shadowed.bin", noise(300 * KIB, 3), false),
@@ -1407,6 +1457,7 @@ fn exercise_with(name: &str, kind: Kind, passthrough_off: bool, seed: u64, ops: 
         ops,
         rng: Rng::new(test_seed),
         mnt: setup.fx.mnt.clone(),
+        upper: setup.fx.upper.clone(),
         files,
         falloc,
         log: VecDeque::new(),
