@@ -1074,12 +1074,23 @@ impl Run {
         };
         self.note(format!("reopen {} {acc:?}", self.files[i].rel));
         let k = self.open(i, acc, false);
+        let size = self.files[i].data.len();
+        let off = self.rng.offset(size);
         if acc != Access::Append {
-            let size = self.files[i].data.len();
-            let off = self.rng.offset(size);
-            let _ = k;
-            self.check_range(i, off, off + 4 * KIB, "after reopen");
+            // Through the new fd itself.
+            let got = match read_at_most(&self.files[i].fds[k].file, off, 4 * KIB) {
+                Ok(g) => g,
+                Err(e) => self.fail(format!("read through the reopened fd: {e}")),
+            };
+            let want = &self.files[i].data[off.min(size)..(off + 4 * KIB).min(size)];
+            if got != want {
+                self.fail(format!(
+                    "read through the reopened fd at {off}: {}",
+                    first_difference(&got, want)
+                ));
+            }
         }
+        self.check_range(i, off, off + 4 * KIB, "after reopen");
     }
 
     fn op_close(&mut self, i: usize) {
