@@ -5,10 +5,17 @@
 //! against an in-memory model of every file after every step.
 //!
 //! What is checked, and when:
-//! - after every step, the touched file's size (fstat through one of its fds) and the
-//!   bytes of the affected range (pread through another readable fd, or a fresh open);
+//! - after every step, the touched file's size (fstat through one of its fds, or stat of
+//!   its path) and the bytes of the affected range (pread through another readable fd, or
+//!   a fresh open); reads, mappings and reopened fds are compared as they are made;
 //! - every `WHOLE_EVERY` steps one whole file, every `ALL_EVERY` steps every file through a
 //!   fresh open of its path;
+//! - right after a lower file is copied up: its upper copy has its size and keeps its
+//!   holes (allocates at most what kernel overlayfs allocates);
+//! - fallocate: each mode succeeds or fails exactly as on kernel overlayfs over the same
+//!   filesystem (probed once per run; the upper filesystem's own answer when overlayfs is
+//!   not available); copy_file_range within one file over overlapping ranges is EINVAL;
+//!   whatever SEEK_DATA/SEEK_HOLE call a hole reads as zeros;
 //! - at the end of the first mount every file, and after unmount and remount every file
 //!   again (persistence); the last tenth of the steps then run on that second mount;
 //! - after it, the upper holds exactly the files that started there plus those opened for
@@ -18,9 +25,9 @@
 //!
 //! The first half of the steps runs on two threads at once, each with its own half of the
 //! files (so sibling copy-ups race and the daemon interleaves requests for two files).
-//! - fallocate: each mode must succeed or fail exactly as on kernel overlayfs over the same
-//!   filesystem (probed once per run; the upper filesystem's own answer when overlayfs is
-//!   not available); a copy_file_range within one file over overlapping ranges is EINVAL.
+//! An fd opened read-only before its file was copied up keeps being read, but is not
+//! mapped afterwards: a new MAP_SHARED mapping of it may show the lower file, as overlayfs
+//! documents and does.
 //!
 //! Knobs: `UNIONMOUNT_INTEGRITY_OPS` (total over the four tests, default 100 000) and
 //! `UNIONMOUNT_INTEGRITY_SEED` (decimal or 0x-hex; default: from the clock). Every test
