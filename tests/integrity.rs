@@ -1696,3 +1696,105 @@ fn sparse_copy_sees_data_still_in_the_page_cache() {
     });
     guard.unmount().expect("clean unmount");
 }
+
+/// While one thread copies lower files up (their first writable opens) and writes their
+/// second halves, another keeps reading the first halves through fds opened before and
+/// during the copy-ups: every read returns the layer's bytes, never a short read or an
+/// error (a reader must never see a half-made copy). Default data path and passthrough=off.
+#[test]
+fn reads_during_copy_up_see_whole_data() {
+    if !mount_allowed() {
+        return;
+    }
+    const FILES: usize = 6;
+    const HALF: usize = 512 * KIB;
+    for passthrough_off in [false, true] {
+        let fx = Fixture::new(1);
+        let layer: Vec<Vec<u8>> = (0..FILES).map(|k| noise(2 * HALF, 41 + k as u64)).collect();
+        for (k, d) in layer.iter().enumerate() {
+            fx.write(&fx.lowers[0], &format!("f{k}"), d, 0o644);
+        }
+        let extra: &[&str] = if passthrough_off && !common::is_kernel() {
+            &["passthrough=off"]
+        } else {
+            &[]
+        };
+        let guard = common::mount(&common::driver(), &fx, true, extra).expect("mount");
+        let (mnt, upper) = (fx.mnt.clone(), fx.upper.clone());
+        let orig = layer.clone();
+        let models = with_timeout(120, move || {
+            let done = std::sync::atomic::AtomicBool::new(false);
+            let barrier = std::sync::Barrier::new(2);
+            let path = |k: usize| mnt.join(format!("f{k}"));
+            std::thread::scope(|s| {
+                let reader = s.spawn(|| {
+                    let mut rng = Rng::new(40);
+                    let mut fds: Vec<(usize, File)> = (0..FILES)
+                        .map(|k| (k, File::open(path(k)).unwrap()))
+                        .collect();
+                    barrier.wait();
+                    let mut n = 0;
+                    while !done.load(std::sync::atomic::Ordering::Acquire) || n < 200 {
+                        n += 1;
+                        if n % 50 == 0 {
+                            let k = rng.below(FILES);
+                            fds.push((k, File::open(path(k)).unwrap()));
+                        }
+                        let (k, f) = &fds[rng.below(fds.len())];
+                        let off = rng.below(HALF);
+                        let len = rng.between(1, 64 * KIB).min(HALF - off);
+                        let got = read_at_most(f, off, len).unwrap_or_else(|e| {
+                            panic!("f{k}: read {off}+{len} during copy-ups: {e}")
+                        });
+                        assert!(
+                            got == orig[*k][off..off + len],
+                            "f{k}: read {off}+{len} during copy-ups \
+                             (passthrough_off={passthrough_off}): {}",
+                            first_difference(&got, &orig[*k][off..off + len])
+                        );
+                    }
+                    n
+                });
+                let mut rng = Rng::new(43);
+                let mut models: Vec<Vec<u8>> = orig.iter().map(|d| d[HALF..].to_vec()).collect();
+                barrier.wait();
+                for (k, model) in models.iter_mut().enumerate() {
+                    let f = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(path(k))
+                        .unwrap();
+                    for _ in 0..50 {
+                        let off = rng.below(HALF);
+                        let len = rng.between(1, 16 * KIB).min(HALF - off);
+                        let bytes = rng.bytes(len);
+                        f.write_all_at(&bytes, (HALF + off) as u64).unwrap();
+                        model[off..off + len].copy_from_slice(&bytes);
+                    }
+                }
+                done.store(true, std::sync::atomic::Ordering::Release);
+                match reader.join() {
+                    Ok(reads) => assert!(reads >= 200, "the reader ran"),
+                    Err(e) => std::panic::resume_unwind(e),
+                }
+                for (k, model) in models.iter().enumerate() {
+                    let all = fs::read(path(k)).unwrap();
+                    assert!(
+                        all[..HALF] == orig[k][..HALF],
+                        "f{k}: first half afterwards"
+                    );
+                    assert!(all[HALF..] == model[..], "f{k}: second half afterwards");
+                }
+                models
+            })
+        });
+        guard.unmount().expect("clean unmount");
+        for (k, model) in models.iter().enumerate() {
+            let up = fs::read(upper.join(format!("f{k}"))).unwrap();
+            assert!(
+                up[..HALF] == layer[k][..HALF] && up[HALF..] == model[..],
+                "upper f{k}: the layer's first half and the written second half"
+            );
+        }
+    }
+}
