@@ -232,6 +232,24 @@ fn plan(args: Args) -> Result<Plan, String> {
     })
 }
 
+/// Parses a command line (`argv[0]` first) and checks it as [`main`] does, without mounting
+/// or logging: the entry point for the fuzzer. `Err` is the one-line message `main` would
+/// print; `--help` and `--version` count as `Ok`.
+#[doc(hidden)]
+pub fn check_command_line(argv: &[OsString]) -> Result<(), String> {
+    let args = match Args::try_parse_from(argv) {
+        Ok(a) => a,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                return Ok(());
+            }
+            return Err(clap_one_line(&e.to_string()));
+        }
+    };
+    plan(args).map(drop)
+}
+
 /// clap's message on one line: the error and the arguments it names, without usage hints.
 pub(crate) fn clap_one_line(text: &str) -> String {
     let mut parts = Vec::new();
