@@ -4,6 +4,8 @@
 pub mod cli;
 pub mod commit;
 pub mod fuse;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image;
 pub mod imagecmd;
 pub mod layer;

@@ -1,0 +1,7 @@
+//! cargo-fuzz target `layer_index_file`: the body is `unionmount::fuzzing::layer_index_file` (shared with
+//! tests/fuzz_regressions.rs); see its doc for the input format and the properties checked.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| unionmount::fuzzing::layer_index_file(data));
