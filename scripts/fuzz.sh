@@ -67,7 +67,7 @@ fi
 BUILD=(-O -a --sanitizer "$SANITIZER")
 
 cd "$FUZZ"
-"${CF[@]}" build "${BUILD[@]}" "${TARGETS[@]}"
+for t in "${TARGETS[@]}"; do "${CF[@]}" build "${BUILD[@]}" "$t"; done
 
 # The targets' own scratch files go here, so a crash mid-input leaves nothing behind.
 export TMPDIR="$SCRATCH/tmp"

@@ -24,6 +24,40 @@ fn inputs(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// Address-space cap for a replay: far above what any input needs, far below what an
+/// allocation sized by a hostile field asks for (a calloc of gigabytes would otherwise
+/// succeed lazily here and hide the bug the fuzzer reported as out-of-memory).
+const MEMORY_CAP: &str = "1073741824";
+
+/// Replays `target` in a child copy of this test binary under `prlimit --as` (the test
+/// named `test`, which calls [`replay`] when `UNIONMOUNT_FUZZ_CHILD` is set).
+fn replay_capped(target: &str, test: &str) {
+    if std::env::var_os("UNIONMOUNT_FUZZ_CHILD").is_some() {
+        let n = replay(target);
+        println!("replayed {n} inputs of {target}");
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = std::process::Command::new("prlimit")
+        .arg(format!("--as={MEMORY_CAP}"))
+        .arg("--")
+        .arg(exe)
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env("UNIONMOUNT_FUZZ_CHILD", "1")
+        .output()
+        .expect("running prlimit (util-linux)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("replayed "),
+        "replay of {target} under a {MEMORY_CAP}-byte address-space cap failed ({}):\n{text}",
+        out.status
+    );
+}
+
 /// Runs every corpus and regression input of `target`; returns how many ran.
 fn replay(target: &str) -> usize {
     let body = unionmount::fuzzing::TARGETS
@@ -84,37 +118,37 @@ fn every_target_has_a_test_here() {
 
 #[test]
 fn options_corpus() {
-    replay("options");
+    replay_capped("options", "options_corpus");
 }
 
 #[test]
 fn digest_corpus() {
-    replay("digest");
+    replay_capped("digest", "digest_corpus");
 }
 
 #[test]
 fn manifest_corpus() {
-    replay("manifest");
+    replay_capped("manifest", "manifest_corpus");
 }
 
 #[test]
 fn tar_index_corpus() {
-    replay("tar_index");
+    replay_capped("tar_index", "tar_index_corpus");
 }
 
 #[test]
 fn gzip_checkpoints_corpus() {
-    replay("gzip_checkpoints");
+    replay_capped("gzip_checkpoints", "gzip_checkpoints_corpus");
 }
 
 #[test]
 fn layer_index_file_corpus() {
-    replay("layer_index_file");
+    replay_capped("layer_index_file", "layer_index_file_corpus");
 }
 
 #[test]
 fn whiteout_corpus() {
-    replay("whiteout");
+    replay_capped("whiteout", "whiteout_corpus");
 }
 
 /// Not a check: writes the layer_index_file seeds (real encoded indexes of the tar_index
