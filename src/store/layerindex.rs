@@ -24,6 +24,7 @@
 //! - The cache file is `MAGIC`, a version, the body, and the sha256 of all that; anything
 //!   that does not check out is reported, never trusted, and never panics the reader.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::io::{self, Read, Write};
@@ -344,8 +345,9 @@ pub struct LayerIndex {
     pub tar_size: u64,
     root: Entry,
     entries: Vec<Entry>,
-    /// Members per link group; index 0 is unused.
-    nlinks: Vec<u32>,
+    /// Members per link group (nonzero groups only). A map, not a vector indexed by group:
+    /// group numbers come from the cache file and need not be dense.
+    nlinks: HashMap<u32, u32>,
     checkpoints: Vec<Checkpoint>,
 }
 
@@ -367,12 +369,9 @@ impl LayerIndex {
         checkpoints: Vec<Checkpoint>,
     ) -> LayerIndex {
         entries.sort_unstable_by(|a, b| key_cmp(&a.path, &b.path));
-        let groups = entries.iter().map(|e| e.link_group).max().unwrap_or(0);
-        let mut nlinks = vec![0u32; groups as usize + 1];
-        for e in &entries {
-            if e.link_group != 0 {
-                nlinks[e.link_group as usize] += 1;
-            }
+        let mut nlinks = HashMap::new();
+        for e in entries.iter().filter(|e| e.link_group != 0) {
+            *nlinks.entry(e.link_group).or_insert(0u32) += 1;
         }
         LayerIndex {
             layer,
@@ -438,7 +437,7 @@ impl LayerIndex {
 
     /// Hard links sharing this entry's identity (1 for entries outside a link group).
     pub fn nlink(&self, e: &Entry) -> u32 {
-        match self.nlinks.get(e.link_group as usize) {
+        match self.nlinks.get(&e.link_group) {
             Some(&n) if e.link_group != 0 && n > 0 => n,
             _ => 1,
         }
