@@ -147,6 +147,8 @@ fn digest_suffix(chars: &[(char, bool)]) -> Option<usize> {
     alg_ok.then_some(at)
 }
 
+/// The source as it would be written on the command line: [`ImageSource::parse`] of the
+/// text gives the same source back.
 impl fmt::Display for ImageSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (t, p, r) = match self {
@@ -160,7 +162,15 @@ impl fmt::Display for ImageSource {
             .replace(':', "\\:");
         match r {
             ImageRef::Default => write!(f, "{t}:{p}"),
-            ImageRef::Tag(tag) => write!(f, "{t}:{p}:{tag}"),
+            ImageRef::Tag(tag) => {
+                // A tag's backslashes are escaped too, and so are its colons when it holds
+                // an `@` (`@ALG:VALUE` would read as a digest reference).
+                let mut tag = tag.replace('\\', "\\\\");
+                if tag.contains('@') {
+                    tag = tag.replace(':', "\\:");
+                }
+                write!(f, "{t}:{p}:{tag}")
+            }
             ImageRef::Digest(d) => write!(f, "{t}:{p}@{d}"),
         }
     }
