@@ -572,7 +572,7 @@ pub fn tar_index(data: &[u8]) {
 // gzip_checkpoints: the zran reader against flate2.
 
 /// The gzip checkpoint reader. Input: a mode byte, a parameter byte, then data. Mode bit 0
-/// clear: the data, repeated up to `((mode >> 1) & 15) * 256 KiB` (so several checkpoints
+/// clear: the data, repeated up to `((mode >> 1) & 15) * 160 KiB` (so up to two checkpoints
 /// exist), is gzip-compressed here at level `param & 15` (0-9), as one member or, with
 /// `param & 0x10`, two members split at a point the data picks. Mode bit 0 set: the data is
 /// taken as the gzip blob itself.
@@ -587,7 +587,7 @@ pub fn gzip_checkpoints(data: &[u8]) {
         return;
     };
     let (blob, expect) = if mode & 1 == 0 {
-        let want = usize::from((mode >> 1) & 15) * (256 << 10);
+        let want = usize::from((mode >> 1) & 15) * (160 << 10);
         let mut plain = rest.to_vec();
         if !rest.is_empty() {
             while plain.len() < want {
@@ -638,12 +638,13 @@ pub fn gzip_checkpoints(data: &[u8]) {
         assert!(cp.window.len() <= WINDOW);
         assert_eq!(gzindex::checkpoint_for(&cps, cp.out), Some(cp));
         last = cp.out;
-        // Resume and read up to the next span: the same bytes as the sequential pass.
+        // Resume and read on (past a member end, if one follows): the same bytes as the
+        // sequential pass.
         let at = (cp.input - u64::from(cp.bits > 0)) as usize;
         let mut rr = GzReader::resume(&blob[at..], cp)
             .unwrap_or_else(|e| panic!("resuming at {}: {e}", cp.out));
         assert_eq!(rr.out_pos(), cp.out);
-        let n = (SPAN as usize + 4096).min(out.len() - cp.out as usize);
+        let n = (256 << 10).min(out.len() - cp.out as usize);
         let mut got = vec![0u8; n];
         rr.read_exact(&mut got)
             .unwrap_or_else(|e| panic!("reading after checkpoint {}: {e}", cp.out));
@@ -658,7 +659,7 @@ pub fn gzip_checkpoints(data: &[u8]) {
     let mut entries = Vec::new();
     for k in 0..8 {
         let off = rng.below(out.len() as u64 + 1);
-        let len = rng.below((out.len() as u64 - off).min(2 * SPAN) + 1);
+        let len = rng.below((out.len() as u64 - off).min(256 << 10) + 1);
         let bytes = &out[off as usize..(off + len) as usize];
         entries.push(Entry {
             kind: Kind::File,
