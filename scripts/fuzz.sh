@@ -9,7 +9,8 @@
 #
 #   --secs N        seconds per target (default 60)
 #   --sanitizer S   cargo-fuzz sanitizer (default address; none builds and runs faster)
-#   --max-len B     libFuzzer -max_len (default 16384: inputs stay small)
+#   --max-len B     libFuzzer -max_len (default per target: 1024 for options, digest and
+#                   whiteout, 8192 for layer_index_file, 16384 for the rest; inputs stay small)
 #   --no-merge      do not touch fuzz/corpus/ (just fuzz and report)
 #   TARGET...       default: every target in fuzz/fuzz_targets/
 #
@@ -22,7 +23,7 @@ set -euo pipefail
 
 SECS=60
 SANITIZER=address
-MAX_LEN=16384
+MAX_LEN=
 MERGE=1
 TARGETS=()
 while [ $# -gt 0 ]; do
@@ -84,8 +85,16 @@ for t in "${TARGETS[@]}"; do
     ls "artifacts/$t" | sort >"$SCRATCH/$t.before"
     rc=0
     start=$SECONDS
+    len="$MAX_LEN"
+    if [ -z "$len" ]; then
+        case "$t" in
+            options|digest|whiteout) len=1024 ;;
+            layer_index_file) len=8192 ;;
+            *) len=16384 ;;
+        esac
+    fi
     "${CF[@]}" run "${BUILD[@]}" "$t" "$new" "corpus/$t" -- \
-        -max_total_time="$SECS" -max_len="$MAX_LEN" -timeout=30 -rss_limit_mb=2048 \
+        -max_total_time="$SECS" -max_len="$len" -timeout=30 -rss_limit_mb=2048 \
         -print_final_stats=1 >"$log" 2>&1 || rc=$?
     secs=$((SECONDS - start))
     # libFuzzer's count: "Done N runs in S second(s)", or the final stats after a crash.
@@ -108,7 +117,8 @@ for t in "${TARGETS[@]}"; do
     found=$(ls "$new" | wc -l)
     if [ "$MERGE" -eq 1 ] && [ "$found" -gt 0 ]; then
         cp -n "$new"/* "corpus/$t/" 2>/dev/null || true
-        "${CF[@]}" cmin "${BUILD[@]}" "$t" "corpus/$t" -- -max_len="$MAX_LEN" \
+        # Edges only (no hit counters): a corpus of hundreds of files, not thousands.
+        "${CF[@]}" cmin "${BUILD[@]}" "$t" "corpus/$t" -- -max_len="$len" -use_counters=0 \
             >"$SCRATCH/$t.cmin.log" 2>&1 || { echo "fuzz.sh: $t: cmin failed"; tail -5 "$SCRATCH/$t.cmin.log"; failed=1; }
         # Hand-made seeds stay even when cmin finds them redundant.
         git -C "$ROOT" checkout -- ":(glob)fuzz/corpus/$t/seed-*" 2>/dev/null || true
