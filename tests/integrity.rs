@@ -115,12 +115,7 @@ impl Rng {
         r
     }
     fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        common::xorshift64star(&mut self.0)
     }
     /// Uniform in 0..n (0 when n is 0).
     fn below(&mut self, n: usize) -> usize {

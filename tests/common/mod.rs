@@ -1458,3 +1458,44 @@ pub fn lseek(fd: &impl std::os::fd::AsRawFd, off: i64, whence: libc::c_int) -> i
         Ok(r as i64)
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Seeded generators for the randomised tests (each test prints its seed to replay a run)
+// ---------------------------------------------------------------------------------------
+
+/// splitmix64: small and seedable; the same seed gives the same sequence forever (the
+/// seeds in failure reports depend on it).
+pub struct SplitMix(u64);
+
+impl SplitMix {
+    pub fn new(seed: u64) -> SplitMix {
+        SplitMix(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn chance(&mut self, pct: u64) -> bool {
+        self.below(100) < pct
+    }
+    pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len() as u64) as usize]
+    }
+}
+
+/// One step of xorshift64* on `state` (which must not be 0): the generator of the crash,
+/// durability and integrity tests, each of which seeds and shapes it its own way.
+pub fn xorshift64star(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
