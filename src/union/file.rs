@@ -128,6 +128,7 @@ impl Union {
                     li,
                     (of & !(OFlag::O_NOFOLLOW | OFlag::O_CREAT)).bits(),
                 )
+                .map(|(fd, _)| fd)
                 .map_err(|_| e),
             r => r,
         }
@@ -594,7 +595,7 @@ impl Union {
         }
         match super::retry_stale(|| self.readlink_upper(&node, li)) {
             Err(e) if e.raw_os_error() == Some(libc::ESTALE) => {
-                let fd = self
+                let (fd, _) = self
                     .open_by_handle(&node, li, libc::O_PATH)
                     .map_err(|_| e)?;
                 Ok(nix::fcntl::readlinkat(&fd, "")

@@ -639,7 +639,7 @@ impl Union {
                 Some(st) => Ok(st),
                 None => self
                     .open_by_handle(node, li, libc::O_PATH)
-                    .and_then(|fd| nix::sys::stat::fstat(&fd).map_err(nix_err)),
+                    .map(|(_, st)| st),
             },
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 // Unlinked but open: answer from an open handle.
@@ -694,21 +694,21 @@ impl Union {
     }
 
     /// Opens `node`'s object in upper layer `li` by its file handle, checked to be the
-    /// node's: ESTALE when there is no handle, the object is gone, or handles cannot be
-    /// opened here (open_by_handle_at needs CAP_DAC_READ_SEARCH).
+    /// node's (its stat comes along): ESTALE when there is no handle, the object is gone,
+    /// or handles cannot be opened here (open_by_handle_at needs CAP_DAC_READ_SEARCH).
     pub(crate) fn open_by_handle(
         &self,
         node: &Node,
         li: usize,
         flags: i32,
-    ) -> io::Result<std::os::fd::OwnedFd> {
+    ) -> io::Result<(std::os::fd::OwnedFd, FileStat)> {
         let stale = || err(libc::ESTALE);
         let h = node.handle.get().ok_or_else(stale)?;
         let fd =
             crate::sys::open_by_handle(self.layers[li].root(), h, flags).map_err(|_| stale())?;
         let st = nix::sys::stat::fstat(&fd).map_err(nix_err)?;
         if self.is_node_object(node, &st) {
-            Ok(fd)
+            Ok((fd, st))
         } else {
             Err(stale())
         }
