@@ -602,13 +602,29 @@ impl LayerIndex {
         }
         let nc = r.count(21)?;
         let mut checkpoints = Vec::with_capacity(nc);
-        for _ in 0..nc {
-            checkpoints.push(Checkpoint {
+        for k in 0..nc {
+            let cp = Checkpoint {
                 out: r.u64()?,
                 input: r.u64()?,
                 bits: r.u8()?,
                 window: r.bytes()?.into(),
-            });
+            };
+            // What resuming at it relies on: a bit count within one byte (with that byte
+            // inside the blob), a deflate window of at most 32 KiB, offsets inside the blob
+            // and the tar stream, in order.
+            let in_order = checkpoints
+                .last()
+                .is_none_or(|p: &Checkpoint| p.out < cp.out && p.input < cp.input);
+            if cp.bits > 7
+                || (cp.bits > 0 && cp.input == 0)
+                || cp.window.len() > 32 * 1024
+                || cp.input > blob_size
+                || cp.out > tar_size
+                || !in_order
+            {
+                return Err(format!("checkpoint {k} is invalid"));
+            }
+            checkpoints.push(cp);
         }
         if !r.0.is_empty() {
             return Err("trailing bytes after the body".into());
@@ -868,8 +884,8 @@ mod tests {
             d,
             d,
             Compression::Gzip,
-            1,
-            2,
+            100,
+            200,
             Entry::synthesized_dir(b""),
             entries,
             vec![Checkpoint {
@@ -879,6 +895,36 @@ mod tests {
                 window: vec![1, 2, 3].into(),
             }],
         )
+    }
+
+    /// A cache file whose checksum is right but whose checkpoints could not be resumed at
+    /// (crafted, or written by a broken build) is refused, never used.
+    #[test]
+    fn checkpoints_that_cannot_be_resumed_at_are_refused() {
+        let cp = |out, input, bits, window: usize| Checkpoint {
+            out,
+            input,
+            bits,
+            window: vec![7; window].into(),
+        };
+        let bad = [
+            vec![cp(5, 6, 8, 3)],
+            vec![cp(5, 0, 1, 3)],
+            vec![cp(5, 6, 0, 32 * 1024 + 1)],
+            vec![cp(5, 101, 0, 3)],
+            vec![cp(201, 6, 0, 3)],
+            vec![cp(5, 6, 0, 3), cp(5, 7, 0, 3)],
+            vec![cp(5, 6, 0, 3), cp(6, 6, 0, 3)],
+        ];
+        for cps in bad {
+            let mut ix = sample();
+            ix.checkpoints = cps.clone();
+            let e = LayerIndex::decode(&ix.encode(), &ix.layer).unwrap_err();
+            assert!(e.contains("is invalid"), "{cps:?}: {e}");
+        }
+        let mut ix = sample();
+        ix.checkpoints = vec![cp(5, 6, 7, 32 * 1024), cp(200, 100, 0, 0)];
+        assert_eq!(LayerIndex::decode(&ix.encode(), &ix.layer).unwrap(), ix);
     }
 
     #[test]
