@@ -52,6 +52,8 @@ RECIPE = {
 }
 DEPS = {"mods": ["base", "python"], "native": ["base", "python", "mods"], "image": ["base"]}
 
+# Extra -o options for unionmount (e.g. passthrough=all), shown in the table's header.
+UM_OPTS = os.environ.get("UNIONMOUNT_BENCH_OPTS", "")
 PY_REL = "usr/local/lib/python3.11"
 BIG_REL = "big/1gib.bin"
 DRIVERS = ["native", "kernel", "fuse-overlayfs", "unionmount"]
@@ -663,7 +665,7 @@ class Mount:
         elif self.driver == "fuse-overlayfs":
             cmd = [self.b.fuse_overlayfs, "-o", opts, self.mnt]
         elif self.driver == "unionmount":
-            cmd = [self.b.unionmount, "-o", opts, self.mnt]
+            cmd = [self.b.unionmount, "-o", opts + ("," + UM_OPTS if UM_OPTS else ""), self.mnt]
         else:
             raise ValueError(self.driver)
         parent_dev = os.stat(os.path.dirname(self.mnt)).st_dev
@@ -1450,9 +1452,9 @@ def main():
     header = [
         "# unionmount benchmark %s" % ts,
         "",
-        "unionmount %s (%s), fuse-overlayfs %s, kernel %s, %d CPUs, %d reps%s, medians; "
+        "unionmount %s (%s%s), fuse-overlayfs %s, kernel %s, %d CPUs, %d reps%s, medians; "
         "run took %.0f s; load average %.2f before, %.2f (5 min) after" % (
-            git_rev(), b.unionmount, fo_version(b.fuse_overlayfs), platform.release(),
+            git_rev(), b.unionmount, ", -o " + UM_OPTS if UM_OPTS else "", fo_version(b.fuse_overlayfs), platform.release(),
             os.cpu_count(), a.reps, " (quick)" if a.quick else "", b.elapsed,
             b.load_before[0], b.load_after[1]),
         "",

@@ -8,6 +8,7 @@
 # Drivers: native,kernel,fuse-overlayfs,unionmount (native is always walked as the reference).
 # Needs root and /dev/fuse. Prints a markdown table; writes target/bench/results-*.{md,json}.
 # UNIONMOUNT_BIN=path skips the cargo build and benchmarks that binary.
+# UNIONMOUNT_BENCH_OPTS=opt,... adds mount options to unionmount's (e.g. passthrough=all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "bench.sh: needs root (mounts, drop_caches)" >&2; exit 1; }

@@ -413,6 +413,7 @@ pub fn main() -> i32 {
         union,
         plan.opts.max_write.unwrap_or(1 << 20),
         plan.opts.passthrough,
+        plan.opts.passthrough_lower,
     );
     if plan.foreground {
         return serve(fs, &plan, None);
@@ -462,6 +463,7 @@ fn serve(fs: UnionFs, plan: &Plan, ready: Option<OwnedFd>) -> i32 {
     if let Err(e) = sys::block_term_signals() {
         log::warn!("cannot block signals: {e}");
     }
+    let notifier = fs.notifier.clone();
     let session = match fuser::Session::new(fs, &plan.mountpoint, &config) {
         Ok(s) => s,
         Err(e) => {
@@ -475,6 +477,7 @@ fn serve(fs: UnionFs, plan: &Plan, ready: Option<OwnedFd>) -> i32 {
             return 1;
         }
     };
+    let _ = notifier.set(session.notifier());
     let mnt = plan.mountpoint.clone();
     std::thread::Builder::new()
         .name("signals".into())

@@ -34,6 +34,10 @@ pub struct UnionFs {
     pub max_write: u32,
     /// Asked for (`passthrough=on`, the default); granted at INIT only as root on 6.9+.
     pub want_passthrough: bool,
+    /// `passthrough=all`: lower files opened read-only pass through on writable mounts too.
+    pub lower_passthrough: bool,
+    /// Lower files from this size up pass through with `passthrough=all`.
+    lower_min: u64,
     passthrough: AtomicBool,
     /// How each open inode is being served. The kernel requires all opens of an inode to
     /// pass through one backing file, or none of them to: see `IoMode`.
@@ -44,32 +48,73 @@ pub struct UnionFs {
     fh_cached: DashMap<u64, u64>,
     /// The kernel sends no OPENDIR/RELEASEDIR (FUSE_NO_OPENDIR_SUPPORT granted).
     no_opendir: AtomicBool,
+    /// Set once the session exists: how the daemon tells the kernel to drop cached names.
+    pub notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 /// The io mode of one inode. Rules (the kernel refuses anything else):
 /// - while opens are served by the daemon (`cached > 0`), new opens are too;
 /// - while a backing is registered, new opens pass through it;
-/// - otherwise: upper files pass through to the upper file; lower files pass through only
-///   on a mount without an upper (nothing can ever open them for writing), and are served
-///   by the daemon on a writable mount, since a lower file must never back a writable open
-///   and a backing cannot be swapped for the upper copy while readers hold it.
+/// - otherwise: upper files pass through to the upper file; lower files pass through on a
+///   mount without an upper (nothing can ever open them for writing), and on a writable
+///   mount only with `passthrough=all` (from `LOWER_PASSTHROUGH_MIN` up); by default the daemon serves them there, since a
+///   lower file must never back a writable open and a backing cannot be swapped for the
+///   upper copy while readers hold it.
+/// - with `passthrough=all`, an open that finds the inode copied up while its lower backing
+///   is alive (readers opened it before the copy-up) is answered ESTALE after the inode's
+///   names are moved to a new node (`Union::supersede`): the kernel walks the path again,
+///   gets the new node, and opens that one on its upper file; the old readers keep reading
+///   the lower file.
 #[derive(Default)]
 struct IoMode {
     backing: Weak<BackingId>,
+    /// The live backing is a lower-layer file.
+    lower: bool,
     cached: u32,
 }
 
+/// With `passthrough=all`, lower files from this size up pass through on a writable mount.
+/// Registering a backing costs an open about 40 us more (two ioctls and the kernel's open of
+/// the backing file); a smaller file is read cheaper from the daemon, whose page cache is
+/// kept across opens (measured with `scripts/bench.sh --only readall,seqread`).
+const LOWER_PASSTHROUGH_MIN: u64 = 256 * 1024;
+
+fn lower_passthrough_min() -> u64 {
+    // Test hook: pass every lower file through, so the suites check the mode against the
+    // kernel on their small files.
+    std::env::var("UNIONMOUNT_TEST_LOWER_PASSTHROUGH_MIN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(LOWER_PASSTHROUGH_MIN)
+}
+
+/// How an open is served (see `IoMode`).
+enum Io {
+    Passthrough(Arc<BackingId>),
+    Cached,
+    /// The inode's names moved to a new node: answer ESTALE so that the kernel looks again.
+    Stale,
+}
+
 impl UnionFs {
-    pub fn new(union: Union, max_write: u32, want_passthrough: bool) -> UnionFs {
+    pub fn new(
+        union: Union,
+        max_write: u32,
+        want_passthrough: bool,
+        lower_passthrough: bool,
+    ) -> UnionFs {
         UnionFs {
             union,
             max_write,
             want_passthrough,
+            lower_passthrough,
+            lower_min: lower_passthrough_min(),
             passthrough: AtomicBool::new(false),
             modes: DashMap::new(),
             fh_backing: DashMap::new(),
             fh_cached: DashMap::new(),
             no_opendir: AtomicBool::new(false),
+            notifier: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
@@ -80,23 +125,45 @@ impl UnionFs {
         ino: u64,
         fh: u64,
         register: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
-    ) -> Option<Arc<BackingId>> {
+    ) -> Io {
         if !self.passthrough.load(Ordering::Relaxed) {
-            return None;
+            return Io::Cached;
         }
         let Ok((file, upper)) = self.union.handle_file(fh) else {
-            return None;
+            return Io::Cached;
         };
         let mut mode = self.modes.entry(ino).or_default();
+        let live = mode.backing.upgrade();
+        if upper && mode.lower && live.is_some() {
+            // Copied up while readers pass through to the lower file: this open cannot
+            // join them (it must see the upper copy) and cannot have another backing.
+            drop(mode);
+            self.union.release(fh);
+            return match self.union.supersede(ino) {
+                Ok(names) => {
+                    log::debug!("open of inode {ino}: copied up under lower readers, renamed");
+                    self.forget_names(names);
+                    Io::Stale
+                }
+                Err(e) => {
+                    log::warn!("open of inode {ino}: cannot move its names to a new node: {e}");
+                    Io::Stale
+                }
+            };
+        }
         let backing = if mode.cached > 0 {
             None
-        } else if let Some(id) = mode.backing.upgrade() {
+        } else if let Some(id) = live {
             Some(id)
-        } else if upper || !self.union.has_upper {
+        } else if upper
+            || !self.union.has_upper
+            || (self.lower_passthrough && file.metadata().is_ok_and(|m| m.len() >= self.lower_min))
+        {
             match register(&file) {
                 Ok(id) => {
                     let id = Arc::new(id);
                     mode.backing = Arc::downgrade(&id);
+                    mode.lower = !upper;
                     Some(id)
                 }
                 Err(e) => {
@@ -120,16 +187,44 @@ impl UnionFs {
             }
         );
         // Recorded before the reply: its RELEASE may be handled on another thread at once.
-        match &backing {
+        match backing {
             Some(id) => {
                 self.fh_backing.insert(fh, id.clone());
+                Io::Passthrough(id)
             }
             None => {
                 mode.cached += 1;
                 self.fh_cached.insert(fh, ino);
+                Io::Cached
             }
         }
-        backing
+    }
+
+    /// Has the kernel drop its cached entries for `names` (its next use of each looks the
+    /// name up again), so that no name keeps showing the old node's attributes. From another
+    /// thread, waited for at most 200 ms: the kernel takes each parent's lock for it, which
+    /// the process whose request we are answering may hold (a CREATE holds it).
+    fn forget_names(&self, names: Vec<(u64, std::ffi::OsString)>) {
+        let Some(n) = self.notifier.get().cloned() else {
+            return;
+        };
+        let (done, wait) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("inval".into())
+            .spawn(move || {
+                for (parent, name) in names {
+                    if let Err(e) = n.inval_entry(INodeNo(parent), &name) {
+                        log::debug!("invalidating entry {name:?} of {parent}: {e}");
+                    }
+                }
+                let _ = done.send(());
+            });
+        match spawned {
+            Ok(_) => {
+                let _ = wait.recv_timeout(Duration::from_millis(200));
+            }
+            Err(e) => log::warn!("cannot start a thread to invalidate entries: {e}"),
+        }
     }
 
     fn release_io(&self, ino: u64, fh: u64) {
@@ -493,8 +588,11 @@ impl Filesystem for UnionFs {
             Err(e) => return reply.error(errno(e)),
         };
         match self.choose_io(ino.0, fh, |f| reply.open_backing(f)) {
-            Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id),
-            None => reply.opened(FileHandle(fh), self.cached_flags(fh)),
+            Io::Passthrough(id) => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id)
+            }
+            Io::Cached => reply.opened(FileHandle(fh), self.cached_flags(fh)),
+            Io::Stale => reply.error(Errno::ESTALE),
         }
     }
 
@@ -752,7 +850,12 @@ impl Filesystem for UnionFs {
         };
         let attr = entry_attr(&node, &st);
         match self.choose_io(node.id, fh, |f| reply.open_backing(f)) {
-            Some(id) => reply.created_passthrough(
+            Io::Stale => {
+                // The kernel counted no lookup of the node it was not sent.
+                self.union.nodes.forget(node.id, 1);
+                reply.error(Errno::ESTALE)
+            }
+            Io::Passthrough(id) => reply.created_passthrough(
                 &TTL,
                 &attr,
                 Generation(0),
@@ -760,7 +863,7 @@ impl Filesystem for UnionFs {
                 FopenFlags::FOPEN_NOFLUSH,
                 &id,
             ),
-            None => reply.created(
+            Io::Cached => reply.created(
                 &TTL,
                 &attr,
                 Generation(0),

@@ -91,9 +91,12 @@ pub struct MountOptions {
     pub xino: Option<String>,
     /// `fsname=NAME`, unescaped.
     pub fsname: Option<String>,
-    /// `passthrough=on|off`: FUSE passthrough for file data (on by default where the kernel
-    /// and our privileges allow it).
+    /// `passthrough=on|off|all`: FUSE passthrough for file data (on by default where the
+    /// kernel and our privileges allow it).
     pub passthrough: bool,
+    /// `passthrough=all`: read-only opens of lower files pass through on a writable mount
+    /// too (a read-only fd opened before a copy-up then keeps reading the lower file).
+    pub passthrough_lower: bool,
 }
 
 impl Default for MountOptions {
@@ -117,6 +120,7 @@ impl MountOptions {
             volatile: false,
             fsync: true,
             passthrough: true,
+            passthrough_lower: false,
             allow_other: false,
             allow_root: false,
             default_permissions: false,
@@ -409,10 +413,11 @@ fn apply(o: &mut MountOptions, element: &str) -> Result<(), OptionError> {
         }
         "passthrough" => {
             let v = required(name, value)?;
-            o.passthrough = match v {
-                "on" | "1" => true,
-                "off" | "0" => false,
-                _ => return Err(bad_value(name, "on or off", v)),
+            (o.passthrough, o.passthrough_lower) = match v {
+                "on" | "1" => (true, false),
+                "all" => (true, true),
+                "off" | "0" => (false, false),
+                _ => return Err(bad_value(name, "on, off or all", v)),
             }
         }
         "xino" => {
@@ -932,9 +937,13 @@ mod tests {
         assert!(parse(&[]).passthrough);
         assert!(!parse(&["passthrough=off"]).passthrough);
         assert!(parse(&["passthrough=off,passthrough=on"]).passthrough);
+        assert!(!parse(&["passthrough=on"]).passthrough_lower);
+        let all = parse(&["passthrough=all"]);
+        assert!(all.passthrough && all.passthrough_lower);
+        assert!(!parse(&["passthrough=all,passthrough=off"]).passthrough_lower);
         assert_eq!(
             err(&["passthrough=maybe"]),
-            "option 'passthrough' expects on or off, got 'maybe'"
+            "option 'passthrough' expects on, off or all, got 'maybe'"
         );
     }
 

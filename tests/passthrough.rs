@@ -168,6 +168,92 @@ fn reader_of_a_lower_file_and_a_writer_coexist() {
     assert_eq!(log_count(&log, "(lower file): passthrough"), 0);
 }
 
+/// `passthrough=all`: a lower file (of 256 KiB and more) opened read-only passes through to
+/// the lower file on a writable mount; smaller ones stay with the daemon. A writer (and any
+/// opener) that comes while such readers are open finds the copy-up under a new inode
+/// number: its first open answers ESTALE, the kernel walks the path again, and every name of
+/// the file (hard links too) now leads to the copy. The old readers keep reading the lower
+/// bytes; the lower is never written.
+#[test]
+fn passthrough_all_passes_lower_reads_through_and_moves_writers_to_the_copy() {
+    if !applies() {
+        return;
+    }
+    let fx = Fixture::new(1);
+    let tail = vec![b'.'; 256 * 1024];
+    let pad = move |s: &[u8]| [s, &tail[..]].concat();
+    fx.write(&fx.lowers[0], "d/f", &pad(b"lower"), 0o644);
+    fs::hard_link(fx.lowers[0].join("d/f"), fx.lowers[0].join("d/g")).unwrap();
+    fx.write(&fx.lowers[0], "d/quiet", &pad(b"quiet"), 0o644);
+    fx.write(&fx.lowers[0], "small", b"small", 0o644);
+    let (guard, log) = mount_logged(&fx, &["passthrough=all"]);
+    common::within_mount(&fx, move |f| {
+        assert_eq!(fs::read(f.m("small")).unwrap(), b"small");
+        let ino_before = fs::metadata(f.m("d/f")).unwrap().ino();
+        assert_eq!(fs::metadata(f.m("d/g")).unwrap().ino(), ino_before);
+        // Without readers in the way a copy-up keeps the inode number (as overlayfs).
+        let q = fs::metadata(f.m("d/quiet")).unwrap().ino();
+        assert!(fs::read(f.m("d/quiet")).unwrap() == pad(b"quiet"));
+        fs::OpenOptions::new()
+            .append(true)
+            .open(f.m("d/quiet"))
+            .unwrap()
+            .write_all(b"!")
+            .unwrap();
+        assert_eq!(fs::metadata(f.m("d/quiet")).unwrap().ino(), q);
+        assert!(fs::read(f.m("d/quiet")).unwrap() == [pad(b"quiet"), b"!".to_vec()].concat());
+
+        let mut reader = fs::File::open(f.m("d/f")).unwrap();
+        let mut first = [0u8; 2];
+        reader.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"lo");
+        let mut w = fs::OpenOptions::new().write(true).open(f.m("d/f")).unwrap();
+        w.write_all(b"UPPER").unwrap();
+        drop(w);
+        // Both names show the copy, under one new number.
+        let ino_after = fs::metadata(f.m("d/f")).unwrap().ino();
+        assert_ne!(ino_after, ino_before);
+        assert_eq!(fs::metadata(f.m("d/g")).unwrap().ino(), ino_after);
+        assert!(fs::read(f.m("d/f")).unwrap() == pad(b"UPPER"));
+        assert!(fs::read(f.m("d/g")).unwrap() == pad(b"UPPER"));
+        // The old reader keeps its lower view, and fstat agrees with what it reads.
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).unwrap();
+        assert!(rest == pad(b"lower")[2..]);
+        assert_eq!(reader.metadata().unwrap().len(), pad(b"lower").len() as u64);
+        drop(reader);
+        // Opens after the readers left: the same new node, passed through to the upper.
+        fs::OpenOptions::new()
+            .append(true)
+            .open(f.m("d/g"))
+            .unwrap()
+            .write_all(b"+")
+            .unwrap();
+        let want = [pad(b"UPPER"), b"+".to_vec()].concat();
+        assert!(fs::read(f.m("d/f")).unwrap() == want);
+        assert_eq!(fs::metadata(f.m("d/f")).unwrap().ino(), ino_after);
+        assert!(fs::read(f.u("d/f")).unwrap() == want);
+        assert!(fs::read(f.l(0, "d/f")).unwrap() == pad(b"lower"));
+        assert!(fs::read(f.l(0, "d/quiet")).unwrap() == pad(b"quiet"));
+        // The upper holds the one copied-up object under both names, and nothing else.
+        let mut names: Vec<_> = fs::read_dir(f.u("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["f", "g", "quiet"]);
+        assert_eq!(
+            fs::metadata(f.u("d/f")).unwrap().ino(),
+            fs::metadata(f.u("d/g")).unwrap().ino()
+        );
+    });
+    guard.unmount().expect("unmount");
+    // d/quiet and d/f passed through to their lower files; "small" was served by the daemon.
+    assert_eq!(log_count(&log, "(lower file): passthrough"), 2);
+    assert_eq!(log_count(&log, "(lower file): served by the daemon"), 1);
+    assert_eq!(log_count(&log, "copied up under lower readers"), 1);
+}
+
 #[test]
 fn upper_files_pass_through_on_a_writable_mount() {
     if !applies() {

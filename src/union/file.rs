@@ -174,6 +174,9 @@ impl Union {
         if node.kind != libc::S_IFREG {
             return Err(err(libc::EINVAL));
         }
+        if node.superseded.load(Ordering::Acquire) {
+            return Err(err(libc::ESTALE));
+        }
         let w = writable(flags);
         if w {
             let data = if flags & libc::O_TRUNC != 0 {
@@ -257,6 +260,28 @@ impl Union {
         Ok(f)
     }
 
+    /// Moves the names of file `ino` to a new node (`NodeTable::supersede`): it was copied
+    /// up while readers pass through to its lower file, and the kernel must open the copy
+    /// through another inode. Under the node's copy lock, so that no copy-up of the old
+    /// node maps its upper object to the old number afterwards.
+    /// Returns the names moved (the kernel may cache them as the old node).
+    pub fn supersede(&self, ino: NodeId) -> io::Result<Vec<(NodeId, std::ffi::OsString)>> {
+        let node = self.nodes.get(ino)?;
+        let _guard = node.copy_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if node.superseded.load(Ordering::Acquire) {
+            return Ok(Vec::new());
+        }
+        self.pin_handles(ino)?;
+        let names = node.read().aliases.clone();
+        self.nodes.supersede(&node);
+        for (p, _) in &names {
+            if let Ok(p) = self.nodes.get(*p) {
+                p.changed();
+            }
+        }
+        Ok(names)
+    }
+
     /// Gives every handle of `node` its fd back for good: a name of the node is about to
     /// go, and a file without a name cannot be re-opened. Costs a scan of the open
     /// handles only when fds are being closed or may soon be (half the cap in use).
@@ -289,8 +314,12 @@ impl Union {
     }
 
     /// The handle's current file: re-opened from the upper if the node was copied up since.
+    /// A superseded node's handles keep the lower file, as its passthrough readers do.
     fn current_file(&self, h: &Handle) -> io::Result<Arc<File>> {
-        if !h.is_upper() && self.is_upper(h.node.top_layer()) {
+        if !h.is_upper()
+            && self.is_upper(h.node.top_layer())
+            && !h.node.superseded.load(Ordering::Acquire)
+        {
             let fd = self.open_real(&h.node, 0, h.flags & !libc::O_TRUNC)?;
             let f = Arc::new(File::from(fd));
             let old = h

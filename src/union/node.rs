@@ -57,6 +57,9 @@ pub struct Node {
     /// Copied up by this mount and not fully fsynced since: the rename that gave it its
     /// upper name may not be on disk, and fdatasync alone would not commit it.
     pub name_unsynced: std::sync::atomic::AtomicBool,
+    /// Its names moved to a new node (`NodeTable::supersede`): it lives on only for the
+    /// handles open on it, and an open by name answers ESTALE so that the kernel looks again.
+    pub superseded: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -143,6 +146,15 @@ impl InoTable {
     pub fn forget(&self, id: RealId) {
         self.map.remove(&id);
     }
+
+    /// Makes every object that reports `from` report `to` (a scan: for rare events only).
+    fn remap(&self, from: u64, to: u64) {
+        for mut e in self.map.iter_mut() {
+            if *e == from {
+                *e = to;
+            }
+        }
+    }
 }
 
 /// What a lookup found, enough to make or refresh a node.
@@ -182,6 +194,7 @@ impl NodeTable {
                 prefetched: std::sync::atomic::AtomicBool::new(false),
                 handle: std::sync::OnceLock::new(),
                 name_unsynced: std::sync::atomic::AtomicBool::new(false),
+                superseded: std::sync::atomic::AtomicBool::new(false),
             }),
         );
         t
@@ -270,6 +283,7 @@ impl NodeTable {
                     prefetched: std::sync::atomic::AtomicBool::new(false),
                     handle: std::sync::OnceLock::new(),
                     name_unsynced: std::sync::atomic::AtomicBool::new(false),
+                    superseded: std::sync::atomic::AtomicBool::new(false),
                 });
                 self.nodes.insert(ino, n.clone());
                 n
@@ -282,6 +296,45 @@ impl NodeTable {
             o.write().aliases.retain(|a| *a != key);
         }
         node.nlookup.fetch_add(1, Ordering::Relaxed);
+        node
+    }
+
+    /// Moves every name of `old` to a new node with a new number, which its objects report
+    /// from now on; `old` keeps living, nameless, for the handles open on it. Returns the
+    /// new node (the kernel has not looked it up yet).
+    pub fn supersede(&self, old: &Node) -> Arc<Node> {
+        let mut idx = self.index();
+        let ino = self.inos.next.fetch_add(1, Ordering::Relaxed);
+        let mut st = old.write();
+        let aliases = std::mem::take(&mut st.aliases);
+        let node = Arc::new(Node {
+            id: ino,
+            ino,
+            kind: old.kind,
+            nlookup: AtomicU64::new(0),
+            state: RwLock::new(NodeState {
+                aliases: aliases.clone(),
+                layers: st.layers.clone(),
+            }),
+            copy_lock: Mutex::new(()),
+            generation: AtomicU64::new(0),
+            prefetched: std::sync::atomic::AtomicBool::new(false),
+            handle: std::sync::OnceLock::new(),
+            name_unsynced: std::sync::atomic::AtomicBool::new(
+                old.name_unsynced.load(Ordering::Acquire),
+            ),
+            superseded: std::sync::atomic::AtomicBool::new(false),
+        });
+        if let Some(h) = old.handle.get() {
+            let _ = node.handle.set(h.clone());
+        }
+        old.superseded.store(true, Ordering::Release);
+        drop(st);
+        self.nodes.insert(ino, node.clone());
+        for key in aliases {
+            idx.by_name.insert(key, ino);
+        }
+        self.inos.remap(old.ino, ino);
         node
     }
 
