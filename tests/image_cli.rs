@@ -565,3 +565,54 @@ fn import_refuses_a_wrong_diff_id_and_writes_nothing() {
     assert!(files_under(&store.join("index")).is_empty());
     assert_eq!(stdout(&image(&store, &["ls"])), "");
 }
+
+/// `image import` on a terminal shows each layer's copy and indexing (a percentage while it
+/// runs, then a "done" line); with stderr not a terminal it says nothing there.
+#[test]
+fn import_shows_progress_on_a_terminal_only() {
+    let t = TempDir::new("progress");
+    let src = t.0.join("img");
+    make_image(&src, "v1");
+    let o = image(
+        &t.0.join("quiet"),
+        &["import", &format!("oci:{}:v1", src.display())],
+    );
+    assert!(o.status.success(), "import failed: {}", stderr(&o));
+    assert_eq!(stderr(&o), "");
+    // script(1) gives the command a pseudo-terminal; its output is what the terminal showed.
+    let cmd = format!(
+        "{} image import oci:{}:v1 --store {}",
+        common::unionmount_bin().display(),
+        src.display(),
+        t.0.join("tty").display()
+    );
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .expect("script(1) (util-linux) runs");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let shown = stdout(&o).replace('\r', "\n");
+    let done: Vec<&str> = shown
+        .lines()
+        .filter(|l| l.trim_end().ends_with(": done"))
+        .map(str::trim_end)
+        .collect();
+    let copies: Vec<&&str> = done
+        .iter()
+        .filter(|l| l.starts_with("copying layer "))
+        .collect();
+    let indexes: Vec<&&str> = done
+        .iter()
+        .filter(|l| l.starts_with("indexing layer sha256:"))
+        .collect();
+    assert_eq!(copies.len(), 2, "{shown}");
+    assert!(
+        copies[0].starts_with("copying layer 1/2 sha256:"),
+        "{shown}"
+    );
+    assert!(
+        copies[1].starts_with("copying layer 2/2 sha256:"),
+        "{shown}"
+    );
+    assert_eq!(indexes.len(), 2, "{shown}");
+}

@@ -23,6 +23,7 @@ use std::path::Path;
 use serde_json::json;
 
 use super::layout::{IndexEntry, REF_NAME, StagedBlob, Store, invalid};
+use super::progress::{Progress, Reading, short};
 use super::{Compression, Digest};
 use crate::image::{self, ImageSource, ResolvedImage, media};
 
@@ -105,10 +106,22 @@ impl Store {
                 (None, Compression::None) => Some(l.diff_id),
                 (None, _) => None,
             };
-            let mut r = l.source.open()?;
+            let mut bar = Progress::new(format!(
+                "copying layer {}/{} {}",
+                i + 1,
+                img.layers.len(),
+                short(expected.as_ref().unwrap_or(&l.diff_id))
+            ));
+            let mut r = Reading {
+                inner: l.source.open()?,
+                bar: &mut bar,
+                done: 0,
+                total: l.size,
+            };
             let s = self
                 .stage_blob(&mut r, expected.as_ref())
                 .map_err(|e| io::Error::new(e.kind(), format!("{what}: {e}")))?;
+            bar.done();
             layers.push(ImportedLayer {
                 digest: s.digest,
                 diff_id: l.diff_id,

@@ -11,6 +11,7 @@ pub mod layerindex;
 pub mod layout;
 pub mod lease;
 pub mod mount;
+pub mod progress;
 pub mod spans;
 pub mod tarindex;
 

@@ -3,12 +3,11 @@
 //! first use, with the digest and DiffID checks). After the first mount of any image sharing
 //! a layer, mounting reads only manifests, configs and cached indexes.
 
-use std::io::IsTerminal;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use super::indexlayer::{BlobAt, IndexLayer};
 use super::layerindex::{AtCursor, FileRange, IndexError, LayerIndex};
+use super::progress::{Progress, short};
 use super::tarindex::{LayerSource, Limits, index_layer};
 use super::{Compression, Digest, Store};
 use crate::image::{self, ImageSource, Platform};
@@ -197,7 +196,7 @@ fn index_range(at: &BlobAt, layer: &StoredLayer) -> Result<LayerIndex, String> {
         diff_id: layer.diff_id,
         size: layer.size,
     };
-    let mut bar = Progress::new(&layer.digest);
+    let mut bar = Progress::new(format!("indexing layer {}", short(&layer.digest)));
     let ix = index_layer(
         std::io::BufReader::with_capacity(1 << 20, AtCursor::new(&range, 0)),
         &src,
@@ -240,39 +239,4 @@ pub fn open_image(
         )?);
     }
     Ok((out, lease))
-}
-
-/// A one-line progress display on a terminal (stderr), silent otherwise.
-struct Progress {
-    name: String,
-    tty: bool,
-    last: Instant,
-    shown: bool,
-}
-
-impl Progress {
-    fn new(d: &Digest) -> Progress {
-        Progress {
-            name: format!("indexing layer {}", &d.to_string()[..19]),
-            tty: std::io::stderr().is_terminal(),
-            last: Instant::now(),
-            shown: false,
-        }
-    }
-
-    fn show(&mut self, done: u64, total: u64) {
-        if !self.tty || self.last.elapsed() < Duration::from_millis(200) {
-            return;
-        }
-        self.last = Instant::now();
-        self.shown = true;
-        let pct = (done * 100).checked_div(total).unwrap_or(0).min(100);
-        eprint!("\r{}: {pct:3}% of {} MB", self.name, total >> 20);
-    }
-
-    fn done(&self) {
-        if self.shown {
-            eprintln!("\r{}: done{:20}", self.name, "");
-        }
-    }
 }
