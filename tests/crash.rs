@@ -926,6 +926,26 @@ fn crash_renames() {
             removal_sequence: false,
             origins: same_origin,
         },
+        FsOp {
+            // The target holds five whiteouts (its merged view is empty): they must go
+            // before the rename can replace it, and a crash must never show them half gone.
+            name: "upper-dir-over-merged-empty-dir",
+            prep: |m| {
+                for j in 0..5 {
+                    fs::remove_dir_all(m.join(format!("t/a0/b{j}")))?;
+                }
+                fs::DirBuilder::new().mode(0o750).create(m.join("v"))?;
+                fs::write(m.join("v/z"), b"z upper\n")
+            },
+            op: |m| fs::rename(m.join("v"), m.join("t/a0")),
+            model: |b, _| {
+                let mut t = b.clone();
+                move_subtree(&mut t, "v", "t/a0");
+                t
+            },
+            removal_sequence: false,
+            origins: same_origin,
+        },
     ];
     fs_scenario("rename", &fx, &ops, &[], Duration::from_millis(25));
 }

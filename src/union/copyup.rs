@@ -145,7 +145,7 @@ impl Union {
         .map_err(nix_err)
     }
 
-    fn build_copy(
+    pub(crate) fn build_copy(
         &self,
         src_dir: &LDir,
         name: &OsStr,

@@ -467,9 +467,8 @@ impl Union {
 
         let below_src = self.lower_positive(&pn1, n1)?;
         let dslot = self.upper_entry(&ul2, n2)?;
-        if dslot.object.as_ref().is_some_and(is_dir) {
-            let sub = open_at(u2, n2, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0)?;
-            super::whiteout::clear_markers(sub.as_fd())?;
+        if let Some(st) = dslot.object.as_ref().filter(|st| is_dir(st)) {
+            self.replace_with_empty(&ul2, n2, st)?;
         }
         let below_dst = src_dir && self.is_merged(&pn2);
         if below_dst {
@@ -525,6 +524,39 @@ impl Union {
             src_node.write().layers = vec![0];
         }
         Ok(())
+    }
+
+    /// Makes upper directory `name` of `udir` (whose merged view is empty, but which may
+    /// hold whiteouts and markers) a really empty directory, as overlayfs does before a
+    /// directory is renamed over it: an empty opaque copy (owner, mode, xattrs, times) is
+    /// made in the workdir and exchanged with it in one step, then the old one is removed
+    /// there. A crash at any point leaves the name showing the same empty directory (the
+    /// workdir is cleaned at the next mount), never one whose whiteouts are half gone.
+    fn replace_with_empty(
+        &self,
+        udir: &super::LDir,
+        name: &OsStr,
+        st: &nix::sys::stat::FileStat,
+    ) -> io::Result<()> {
+        let u = udir.fd()?;
+        let sub = open_at(u, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0)?;
+        if crate::union::readdir::list_names(sub.as_fd())?.is_empty() {
+            return Ok(());
+        }
+        let work = self.work()?;
+        let tmp = self.tmp_name();
+        self.build_copy(udir, name, st, work, &tmp, Data::None)?;
+        let swapped = self.markers.set_opaque(work, &tmp).and_then(|()| {
+            nix::fcntl::renameat2(work, tmp.as_os_str(), u, name, RenameFlags::RENAME_EXCHANGE)
+                .map_err(nix_err)
+        });
+        if let Err(e) = swapped {
+            let _ = nix::unistd::unlinkat(work, tmp.as_os_str(), UnlinkatFlags::RemoveDir);
+            return Err(e);
+        }
+        // `tmp` is now the old directory, with the whiteouts and markers.
+        super::whiteout::clear_markers(sub.as_fd())?;
+        nix::unistd::unlinkat(work, tmp.as_os_str(), UnlinkatFlags::RemoveDir).map_err(nix_err)
     }
 
     /// Does this directory merge an upper with at least one lower layer?
