@@ -114,6 +114,8 @@ pub struct Union {
     pub(crate) streams: DashMap<NodeId, Arc<readdir::Listing>>,
     next_fh: AtomicU64,
     tmp_seq: AtomicU64,
+    /// Keys (random per daemon) that make work temp names unguessable.
+    tmp_keys: std::collections::hash_map::RandomState,
     pub markers: MarkerWriter,
     pub behaviour: Behaviour,
     /// f_namemax reported by statfs: the upper's minus 4, so `.wh.NAME` always fits.
@@ -213,6 +215,7 @@ impl Union {
             streams: DashMap::new(),
             next_fh: AtomicU64::new(1),
             tmp_seq: AtomicU64::new(0),
+            tmp_keys: std::collections::hash_map::RandomState::new(),
             // Test hook: behave as if mknod of whiteouts were refused, to exercise the
             // `.wh.NAME` fallback on filesystems that do allow it.
             markers: MarkerWriter::new(
@@ -248,11 +251,17 @@ impl Union {
             .ok_or_else(|| err(libc::EROFS))
     }
 
+    /// A fresh name for a temp object in the workdir: unique (a counter) and not guessable
+    /// (the counter keyed-hashed), so that nobody else who can write the workdir can take
+    /// the name first and make the copy-up or whiteout that wants it fail.
     fn tmp_name(&self) -> OsString {
+        use std::hash::BuildHasher;
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         OsString::from(format!(
-            "#{:x}.{:x}",
+            "#{:x}.{:x}.{:016x}",
             std::process::id(),
-            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
+            seq,
+            self.tmp_keys.hash_one(seq)
         ))
     }
 
