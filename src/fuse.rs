@@ -347,7 +347,6 @@ fn timespec(t: TimeOrNow) -> TimeSpec {
 impl Filesystem for UnionFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         for (flag, name) in [
-            (InitFlags::FUSE_ATOMIC_O_TRUNC, "atomic_o_trunc"),
             (InitFlags::FUSE_PARALLEL_DIROPS, "parallel_dirops"),
             (InitFlags::FUSE_CACHE_SYMLINKS, "cache_symlinks"),
             (InitFlags::FUSE_DO_READDIRPLUS, "readdirplus"),
@@ -382,6 +381,20 @@ impl Filesystem for UnionFs {
                     log::info!("capability writeback_cache: on");
                 }
                 Err(_) => log::info!("capability writeback_cache: not offered by the kernel"),
+            }
+        }
+        if self.union.writeback {
+            // With the writeback cache an open(O_TRUNC) answered by OPEN is not atomic: the
+            // kernel zeroes its cached size once more in the truncate that follows the open,
+            // without asking us and after dropping the inode lock in between, so a write
+            // another process flushed in that window stays in the upper file while the
+            // kernel's size says it is gone. Without atomic_o_trunc that truncate is a real
+            // SETATTR, which the kernel orders with the writes.
+            log::info!("capability atomic_o_trunc: off (writeback cache)");
+        } else {
+            match config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC) {
+                Ok(()) => log::info!("capability atomic_o_trunc: on"),
+                Err(_) => log::info!("capability atomic_o_trunc: not offered by the kernel"),
             }
         }
         // No OPENDIR/RELEASEDIR round trips; READDIR then comes without a handle (see
