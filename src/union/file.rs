@@ -306,6 +306,17 @@ impl Union {
         Ok(())
     }
 
+    /// An upper file of `node` that one of its handles holds open for writing: what a
+    /// truncate reaches the node by once no name does (ftruncate needs a writable fd).
+    pub(crate) fn writable_file_of(&self, node: &Node) -> Option<Arc<File>> {
+        self.handles
+            .iter()
+            .filter(|h| {
+                h.node.id == node.id && h.is_upper() && h.flags & libc::O_ACCMODE != libc::O_RDONLY
+            })
+            .find_map(|h| h.open_file())
+    }
+
     fn handle(&self, fh: u64) -> io::Result<Arc<Handle>> {
         self.handles
             .get(&fh)

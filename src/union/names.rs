@@ -603,26 +603,38 @@ impl Union {
             Data::All
         };
         self.copy_up(&node, data)?;
-        let (dir, name) = match self.parent_in(&node, 0) {
+        // A racing unlink or rename may have put a whiteout or another object at the name
+        // (see `is_node_object`): never change that one, look again (a few times) where the
+        // table then says the node is. Nothing below follows a symlink.
+        let target = super::retry_stale(|| {
+            let (dir, name) = self.parent_in(&node, 0)?;
+            let st = stat_at(dir.fd()?, &name).map_err(super::io_stale)?;
+            if !self.is_node_object(&node, &st) {
+                return Err(err(libc::ESTALE));
+            }
+            Ok((dir, name))
+        });
+        let (dir, name) = match target {
             Ok(v) => v,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                // Open but unlinked: no name reaches it any more, an open fd still does
-                // (the kernel's writeback cache flushes times with SETATTR on fsync).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESTALE)) => {
+                // Open but unlinked, or its name keeps holding something else: no name
+                // reaches it, an open fd still does, as the inode the kernel resolved does on
+                // a local filesystem (the writeback cache flushes times with SETATTR on
+                // fsync; without atomic_o_trunc, open(O_TRUNC) truncates with a SETATTR that
+                // has no handle, after the open, so a writable one of its handles must do).
                 let file = fh
                     .and_then(|f| self.handle_file(f).ok())
                     .map(|(f, _)| f)
-                    .or_else(|| self.open_file_of(&node))
+                    .or_else(|| match size {
+                        Some(_) => self.writable_file_of(&node),
+                        None => self.open_file_of(&node),
+                    })
                     .ok_or(e)?;
                 return self.setattr_unlinked(&node, &file, mode, uid, gid, size, atime, mtime);
             }
             Err(e) => return Err(e),
         };
         let dir = dir.fd()?;
-        // A racing unlink or rename may have put a whiteout or another object at the name
-        // (see `is_node_object`): never change that one. Nothing below follows a symlink.
-        if !self.is_node_object(&node, &stat_at(dir, &name).map_err(super::io_stale)?) {
-            return Err(err(libc::ESTALE));
-        }
         if uid.is_some() || gid.is_some() {
             nix::unistd::fchownat(
                 dir,
@@ -677,7 +689,7 @@ impl Union {
         self.getattr(&node)
     }
 
-    /// setattr of a node without a name, through an open file of it.
+    /// setattr through an open file of the node, when no name of it reaches it.
     #[allow(clippy::too_many_arguments)]
     fn setattr_unlinked(
         &self,
