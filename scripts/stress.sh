@@ -10,8 +10,8 @@
 #   UNIONMOUNT_STRESS_SEED        first seed (default: from the clock); round N uses SEED+N
 #   UNIONMOUNT_STRESS_STALL_SECS  watchdog limit per operation (default 20)
 #   UNIONMOUNT_STRESS_MODE        shared-dirs (default: threads share directories, each on
-#                                 its own names; what CI runs) or same-names (all threads
-#                                 race on the same names: has a known rare ESTALE/EIO bug)
+#                                 its own names) or same-names (all threads race on the
+#                                 same names); CI runs both briefly
 #
 # Prints one summary line; exits non-zero when any round failed. Mounts and temp dirs are
 # cleaned up on every exit path.

@@ -4,7 +4,7 @@
 //! and so must unionmount remounted. Two shapes: "shared dirs" (each thread on its own names
 //! `t<i>a`..`t<i>d` in the shared directories, while every thread lists them: CI runs this)
 //! and "same names" (every thread on the same 24 names, so opens, stats and chmods race
-//! renames and unlinks of the very name they resolve: ignored, see below).
+//! renames and unlinks of the very name they resolve, and truncating opens race writes).
 //!
 //! What counts as a failure:
 //! - an errno outside what the operation may legitimately race into (ENOENT, EEXIST,
@@ -29,16 +29,17 @@
 //! The lowers are fixed (three layers with merged dirs, files, symlinks, a hard-link pair,
 //! char-device whiteouts and an opaque dir); the operations are seeded per thread, the
 //! interleaving is whatever the machine does. Knobs: `UNIONMOUNT_STRESS_SECS` (run time
-//! per test, default 12), `UNIONMOUNT_STRESS_THREADS` (default 8), `UNIONMOUNT_STRESS_SEED`
-//! (default 1), `UNIONMOUNT_STRESS_STALL_SECS` (watchdog limit, default 20).
-//! scripts/stress.sh runs the long version.
+//! per test, default 12 for shared dirs and 8 for same names, to keep CI short),
+//! `UNIONMOUNT_STRESS_THREADS` (default 8), `UNIONMOUNT_STRESS_SEED` (default 1),
+//! `UNIONMOUNT_STRESS_STALL_SECS` (watchdog limit, default 20). scripts/stress.sh runs the
+//! long version (`UNIONMOUNT_STRESS_MODE=same-names` for these).
 //!
-//! The same-names tests are `#[ignore]`d: about one 12 s run in two, one operation in
-//! ~10^5 gets ESTALE (or EIO from chmod) where a local filesystem would succeed or give
-//! ENOENT. The node table can keep a name for a node whose object a racing operation has
-//! replaced; a request then finds neither the object at the name nor (when it is gone) by
-//! its file handle. `cargo test --test concurrency -- --include-ignored` runs them;
-//! `UNIONMOUNT_STRESS_MODE=same-names scripts/stress.sh` at length.
+//! What the same-names runs found (fixed): with the writeback cache (passthrough=off) the
+//! mount showed files shorter than their upper copies, because the kernel zeroed its own
+//! size after an open(O_TRUNC) a second time, without a request, after a write of another
+//! thread had been flushed (`trunc_open_races_writes_passthrough_off` pins that race down
+//! in two threads); and setattr answered ESTALE, or EINVAL for a truncate, while a racing
+//! rename or unlink held the name.
 mod common;
 #[path = "common/tree.rs"]
 mod tree;
@@ -771,7 +772,7 @@ fn snapshot_within(root: &Path) -> tree::Snapshot {
         .unwrap_or_else(|e| panic!("walk {}: {e}", root.display()))
 }
 
-fn stress(label: &str, extra: &[&str], partitioned: bool) {
+fn stress(label: &str, extra: &[&str], partitioned: bool, default_secs: u64) {
     if !common::mount_allowed() {
         return;
     }
@@ -780,7 +781,7 @@ fn stress(label: &str, extra: &[&str], partitioned: bool) {
         return;
     }
     let threads = knob("UNIONMOUNT_STRESS_THREADS", 8) as usize;
-    let secs = knob("UNIONMOUNT_STRESS_SECS", 12);
+    let secs = knob("UNIONMOUNT_STRESS_SECS", default_secs);
     let seed = knob("UNIONMOUNT_STRESS_SEED", 1);
     let fx = Fixture::new(3);
     build_lowers(&fx);
@@ -915,30 +916,115 @@ fn stress(label: &str, extra: &[&str], partitioned: bool) {
 /// others list those directories (CI runs this; passthrough on where the kernel allows).
 #[test]
 fn stress_shared_dirs_default_options() {
-    stress("shared dirs, default", &[], true);
+    stress("shared dirs, default", &[], true, 12);
 }
 
 /// The same without passthrough: data goes through the daemon and the writeback cache.
 #[test]
 fn stress_shared_dirs_passthrough_off() {
-    stress("shared dirs, passthrough=off", &["passthrough=off"], true);
+    stress(
+        "shared dirs, passthrough=off",
+        &["passthrough=off"],
+        true,
+        12,
+    );
 }
 
 /// Every thread on the SAME 24 names: opens, stats and chmods race renames and unlinks of
-/// the very name they resolve. Open bug: about one run in two, one operation in ~10^5
-/// gets ESTALE or EIO (the node table keeps a name a racing operation has changed; see
-/// the note in the repository history). Run with --include-ignored or scripts/stress.sh.
+/// the very name they resolve (8 s in CI; scripts/stress.sh for longer runs).
 #[test]
-#[ignore = "open bug: rare ESTALE/EIO when 8 threads race on the same names"]
 fn stress_same_names_default_options() {
-    stress("same names, default", &[], false);
+    stress("same names, default", &[], false, 8);
 }
 
-/// The same-names race without passthrough.
+/// The same-names race without passthrough: data through the daemon and the writeback
+/// cache, whose sizes the kernel trusts over ours.
 #[test]
-#[ignore = "open bug: rare ESTALE/EIO when 8 threads race on the same names"]
 fn stress_same_names_passthrough_off() {
-    stress("same names, passthrough=off", &["passthrough=off"], false);
+    stress(
+        "same names, passthrough=off",
+        &["passthrough=off"],
+        false,
+        8,
+    );
+}
+
+/// open(O_TRUNC) racing another thread's write to the same file, through the writeback
+/// cache (passthrough=off), in lockstep: after each pair the size the mount shows is the
+/// upper file's, and so are the bytes at the end. (With atomic_o_trunc, the kernel zeroed
+/// its size a second time after the open without a request, so a write flushed in between
+/// stayed in the upper file while the mount said the file ended before it.)
+#[test]
+fn trunc_open_races_writes_passthrough_off() {
+    if !common::mount_allowed() {
+        return;
+    }
+    if common::driver() != Driver::Unionmount {
+        eprintln!("SKIP: trunc_open_races_writes: the writeback cache is unionmount's");
+        return;
+    }
+    const PAIRS: usize = 3000;
+    let fx = Fixture::new(1);
+    let guard = common::mount_paths(
+        &Driver::Unionmount,
+        &fx.lowers,
+        Some(&fx.upper),
+        Some(&fx.work),
+        &fx.mnt,
+        &["passthrough=off"],
+    )
+    .expect("mount unionmount");
+    let (mnt, upper) = (fx.mnt.join("f"), fx.upper.join("f"));
+    let result = common::with_timeout(120, move || {
+        let sync = Arc::new(std::sync::Barrier::new(2));
+        let (m, b) = (mnt.clone(), sync.clone());
+        let writer = std::thread::spawn(move || -> io::Result<()> {
+            for _ in 0..PAIRS {
+                b.wait();
+                match fs::OpenOptions::new().write(true).open(&m) {
+                    Ok(f) => f.write_all_at(&[b'B'; 3904], 5000)?,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                b.wait();
+                b.wait();
+            }
+            Ok(())
+        });
+        let mut bad = None;
+        for i in 0..PAIRS {
+            sync.wait();
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&mnt)
+                .expect("open(O_TRUNC)");
+            f.write_all_at(&[b'A'; 2563], 0).expect("write at 0");
+            drop(f);
+            sync.wait();
+            let seen = fs::metadata(&mnt).expect("stat through the mount").len();
+            let real = fs::metadata(&upper).expect("stat the upper file").len();
+            if seen != real && bad.is_none() {
+                bad = Some(format!(
+                    "pair {i}: the mount says {seen} bytes, the upper file holds {real}"
+                ));
+            }
+            sync.wait();
+        }
+        writer.join().unwrap().expect("open and write at 5000");
+        let same = fs::read(&mnt).expect("read through the mount")
+            == fs::read(&upper).expect("read the upper file");
+        (bad, same)
+    });
+    guard.unmount().expect("unmount unionmount");
+    let (bad, same) = result;
+    assert_eq!(bad, None);
+    assert!(
+        same,
+        "the bytes read through the mount differ from the upper file's"
+    );
+    eprintln!("trunc_open_races_writes: {PAIRS} pairs, mount and upper agree");
 }
 
 /// The names a listing may show are exactly what the operations create.
