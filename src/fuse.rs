@@ -57,9 +57,9 @@ pub struct UnionFs {
 /// - while a backing is registered, new opens pass through it;
 /// - otherwise: upper files pass through to the upper file; lower files pass through on a
 ///   mount without an upper (nothing can ever open them for writing), and on a writable
-///   mount only with `passthrough=all` (from `LOWER_PASSTHROUGH_MIN` up); by default the daemon serves them there, since a
-///   lower file must never back a writable open and a backing cannot be swapped for the
-///   upper copy while readers hold it.
+///   mount only with `passthrough=all` (from `LOWER_PASSTHROUGH_MIN` up); by default the
+///   daemon serves them there, since a lower file must never back a writable open and a
+///   backing cannot be swapped for the upper copy while readers hold it.
 /// - with `passthrough=all`, an open that finds the inode copied up while its lower backing
 ///   is alive (readers opened it before the copy-up) is answered ESTALE after the inode's
 ///   names are moved to a new node (`Union::supersede`): the kernel walks the path again,
@@ -139,17 +139,16 @@ impl UnionFs {
             // join them (it must see the upper copy) and cannot have another backing.
             drop(mode);
             self.union.release(fh);
-            return match self.union.supersede(ino) {
+            match self.union.supersede(ino) {
                 Ok(names) => {
                     log::debug!("open of inode {ino}: copied up under lower readers, renamed");
                     self.forget_names(names);
-                    Io::Stale
                 }
                 Err(e) => {
-                    log::warn!("open of inode {ino}: cannot move its names to a new node: {e}");
-                    Io::Stale
+                    log::warn!("open of inode {ino}: cannot move its names to a new node: {e}")
                 }
-            };
+            }
+            return Io::Stale;
         }
         let backing = if mode.cached > 0 {
             None

@@ -309,12 +309,9 @@ impl Union {
     /// An upper file of `node` that one of its handles holds open for writing: what a
     /// truncate reaches the node by once no name does (ftruncate needs a writable fd).
     pub(crate) fn writable_file_of(&self, node: &Node) -> Option<Arc<File>> {
-        self.handles
-            .iter()
-            .filter(|h| {
-                h.node.id == node.id && h.is_upper() && h.flags & libc::O_ACCMODE != libc::O_RDONLY
-            })
-            .find_map(|h| h.open_file())
+        self.open_file_where(node, |h| {
+            h.is_upper() && h.flags & libc::O_ACCMODE != libc::O_RDONLY
+        })
     }
 
     fn handle(&self, fh: u64) -> io::Result<Arc<Handle>> {

@@ -788,9 +788,18 @@ impl Union {
 
     /// An open file of `node` held by one of its handles.
     pub(crate) fn open_file_of(&self, node: &Node) -> Option<Arc<std::fs::File>> {
+        self.open_file_where(node, |_| true)
+    }
+
+    /// An open file of one of `node`'s handles that passes `keep`.
+    pub(crate) fn open_file_where(
+        &self,
+        node: &Node,
+        keep: impl Fn(&file::Handle) -> bool,
+    ) -> Option<Arc<std::fs::File>> {
         self.handles
             .iter()
-            .filter(|h| h.node.id == node.id)
+            .filter(|h| h.node.id == node.id && keep(h))
             .find_map(|h| h.open_file())
     }
 

@@ -63,6 +63,23 @@ pub struct Node {
 }
 
 impl Node {
+    /// A fresh node numbered `ino` (its node id too), with no kernel lookup counted.
+    fn new(ino: u64, kind: u32, aliases: Vec<(NodeId, OsString)>, layers: Vec<LayerIdx>) -> Node {
+        Node {
+            id: ino,
+            ino,
+            kind,
+            nlookup: AtomicU64::new(0),
+            state: RwLock::new(NodeState { aliases, layers }),
+            copy_lock: Mutex::new(()),
+            generation: AtomicU64::new(0),
+            prefetched: std::sync::atomic::AtomicBool::new(false),
+            handle: std::sync::OnceLock::new(),
+            name_unsynced: std::sync::atomic::AtomicBool::new(false),
+            superseded: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     pub fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR
     }
@@ -178,25 +195,10 @@ impl NodeTable {
             index: Mutex::new(Index::default()),
             inos: InoTable::new(root_real),
         };
-        t.nodes.insert(
-            ROOT_ID,
-            Arc::new(Node {
-                id: ROOT_ID,
-                ino: 1,
-                kind: libc::S_IFDIR,
-                nlookup: AtomicU64::new(1),
-                state: RwLock::new(NodeState {
-                    aliases: Vec::new(),
-                    layers: root_layers,
-                }),
-                copy_lock: Mutex::new(()),
-                generation: AtomicU64::new(0),
-                prefetched: std::sync::atomic::AtomicBool::new(false),
-                handle: std::sync::OnceLock::new(),
-                name_unsynced: std::sync::atomic::AtomicBool::new(false),
-                superseded: std::sync::atomic::AtomicBool::new(false),
-            }),
-        );
+        let root = Node::new(ROOT_ID, libc::S_IFDIR, Vec::new(), root_layers);
+        // The kernel holds the root from the mount on.
+        root.nlookup.store(1, Ordering::Relaxed);
+        t.nodes.insert(ROOT_ID, Arc::new(root));
         t
     }
 
@@ -269,22 +271,7 @@ impl NodeTable {
                 n
             }
             None => {
-                let n = Arc::new(Node {
-                    id: ino,
-                    ino,
-                    kind: found.kind,
-                    nlookup: AtomicU64::new(0),
-                    state: RwLock::new(NodeState {
-                        aliases: vec![key.clone()],
-                        layers: found.layers,
-                    }),
-                    copy_lock: Mutex::new(()),
-                    generation: AtomicU64::new(0),
-                    prefetched: std::sync::atomic::AtomicBool::new(false),
-                    handle: std::sync::OnceLock::new(),
-                    name_unsynced: std::sync::atomic::AtomicBool::new(false),
-                    superseded: std::sync::atomic::AtomicBool::new(false),
-                });
+                let n = Arc::new(Node::new(ino, found.kind, vec![key.clone()], found.layers));
                 self.nodes.insert(ino, n.clone());
                 n
             }
@@ -300,42 +287,26 @@ impl NodeTable {
     }
 
     /// Moves every name of `old` to a new node with a new number, which its objects report
-    /// from now on; `old` keeps living, nameless, for the handles open on it. Returns the
-    /// new node (the kernel has not looked it up yet).
-    pub fn supersede(&self, old: &Node) -> Arc<Node> {
+    /// from now on; `old` keeps living, nameless, for the handles open on it. The kernel has
+    /// not looked the new node up yet.
+    pub fn supersede(&self, old: &Node) {
         let mut idx = self.index();
         let ino = self.inos.next.fetch_add(1, Ordering::Relaxed);
         let mut st = old.write();
         let aliases = std::mem::take(&mut st.aliases);
-        let node = Arc::new(Node {
-            id: ino,
-            ino,
-            kind: old.kind,
-            nlookup: AtomicU64::new(0),
-            state: RwLock::new(NodeState {
-                aliases: aliases.clone(),
-                layers: st.layers.clone(),
-            }),
-            copy_lock: Mutex::new(()),
-            generation: AtomicU64::new(0),
-            prefetched: std::sync::atomic::AtomicBool::new(false),
-            handle: std::sync::OnceLock::new(),
-            name_unsynced: std::sync::atomic::AtomicBool::new(
-                old.name_unsynced.load(Ordering::Acquire),
-            ),
-            superseded: std::sync::atomic::AtomicBool::new(false),
-        });
+        let node = Node::new(ino, old.kind, aliases.clone(), st.layers.clone());
+        node.name_unsynced
+            .store(old.name_unsynced.load(Ordering::Acquire), Ordering::Release);
         if let Some(h) = old.handle.get() {
             let _ = node.handle.set(h.clone());
         }
         old.superseded.store(true, Ordering::Release);
         drop(st);
-        self.nodes.insert(ino, node.clone());
+        self.nodes.insert(ino, Arc::new(node));
         for key in aliases {
             idx.by_name.insert(key, ino);
         }
         self.inos.remap(old.ino, ino);
-        node
     }
 
     /// Records that `node` now lives in the upper as `real` (after copy-up or link).
