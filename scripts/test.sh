@@ -20,7 +20,15 @@ UNIONMOUNT_TEST_OPTS=passthrough=off UNIONMOUNT_TEST_INDEX_MIN_LOWERS=1 cargo te
 UNIONMOUNT_TEST_OPTS=passthrough=all UNIONMOUNT_TEST_LOWER_PASSTHROUGH_MIN=0 cargo test \
   --test semantics --test differential --test hardlinks --test upper_format --test crash \
   --test hostile -- --test-threads="$threads"
+# Once more with metadata-only copy-up (metacopy=on) and the writeback cache, where a
+# writable open copies the bytes up only at its first write (the integrity model checks it).
+# The crash harness's copy-up scenarios kill the daemon while the bytes are copied in.
+UNIONMOUNT_TEST_OPTS=passthrough=off,metacopy=on cargo test --test semantics --test differential \
+  --test hardlinks --test integrity -- --test-threads="$threads"
+UNIONMOUNT_TEST_OPTS=passthrough=off,metacopy=on cargo test --test crash crash_copy_up \
+  -- --test-threads="$threads"
 # And once more with every lower layer served as a virtual layer (an in-memory tree, as image
-# layers from the store are), whiteouts and opaque markers in the OCI dialect.
+# layers from the store are), whiteouts and opaque markers in the OCI dialect; metacopy is
+# on by default there, as over image layers.
 UNIONMOUNT_TEST_VIRTUAL_LOWERS=1 cargo test --test semantics --test differential \
   --test hardlinks --test upper_format --test passthrough -- --test-threads="$threads"

@@ -173,7 +173,11 @@ fn user_xattrs(d: &LDir, name: Option<&OsStr>) -> io::Result<Vec<(Vec<u8>, Vec<u
 }
 
 /// Writes the layer tar of `upper` into `out`; returns the number of entries.
-pub fn write_layer(upper: &Path, out: impl Write) -> Result<u64, String> {
+/// Opens the bytes of a metadata-only copy (metacopy) at a path of the upper: the file
+/// at that path in the image below.
+pub type BelowData<'a> = &'a dyn Fn(&[u8]) -> io::Result<std::fs::File>;
+
+pub fn write_layer(upper: &Path, out: impl Write, below: BelowData) -> Result<u64, String> {
     let e = |x: io::Error| format!("upper {}: {x}", upper.display());
     let layer = Layer::open(upper).map_err(|x| format!("upper {x}"))?;
     let root = layer.open_dir(Path::new(".")).map_err(e)?;
@@ -277,8 +281,27 @@ pub fn write_layer(upper: &Path, out: impl Write) -> Result<u64, String> {
             }
             match kind {
                 libc::S_IFREG => {
-                    let f = d.open(&name, nix::fcntl::OFlag::O_RDONLY).map_err(e)?;
-                    let mut f = std::fs::File::from(f);
+                    let mut f = if whiteout::is_metacopy(&d, &name).map_err(e)? {
+                        let f = below(&path).map_err(|x| {
+                            format!(
+                                "upper {}: {}: metacopy data: {x}",
+                                upper.display(),
+                                String::from_utf8_lossy(&path)
+                            )
+                        })?;
+                        let len = f.metadata().map_err(e)?.len();
+                        if len != st.st_size as u64 {
+                            return Err(format!(
+                                "upper {}: {}: metacopy of {} bytes over a file of {len}",
+                                upper.display(),
+                                String::from_utf8_lossy(&path),
+                                st.st_size
+                            ));
+                        }
+                        f
+                    } else {
+                        std::fs::File::from(d.open(&name, nix::fcntl::OFlag::O_RDONLY).map_err(e)?)
+                    };
                     append(
                         &mut tar,
                         &path,
@@ -370,7 +393,17 @@ pub fn commit(
         sha: Sha256::new(),
         len: 0,
     };
-    let entries = write_layer(upper, &mut tar_out).map_err(cleanup)?;
+    // Metadata-only copies in the upper keep their bytes in the base image: read them
+    // there, through a read-only union of its layers (verified as every image read is).
+    let (layers, _lease) = crate::store::mount::open_image(
+        store,
+        base,
+        None,
+        crate::union::VIRTUAL_DEV_BASE + 0x2000,
+    )?;
+    let below = crate::union::Union::with_lowers(&crate::options::MountOptions::new(), layers)?;
+    let read_below = |path: &[u8]| below.open_path(path);
+    let entries = write_layer(upper, &mut tar_out, &read_below).map_err(cleanup)?;
     let diff_id = Digest::from_bytes(tar_out.sha.finalize().into());
     let mut gz_out = tar_out
         .inner

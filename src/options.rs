@@ -97,6 +97,9 @@ pub struct MountOptions {
     /// `passthrough=all`: read-only opens of lower files pass through on a writable mount
     /// too (a read-only fd opened before a copy-up then keeps reading the lower file).
     pub passthrough_lower: bool,
+    /// `metacopy=on|off`: chmod, chown, utimes and xattr changes copy up metadata only
+    /// (the data stays below until a write). None: on when a lower layer is an image layer.
+    pub metacopy: Option<bool>,
 }
 
 impl Default for MountOptions {
@@ -121,6 +124,7 @@ impl MountOptions {
             fsync: true,
             passthrough: true,
             passthrough_lower: false,
+            metacopy: None,
             allow_other: false,
             allow_root: false,
             default_permissions: false,
@@ -253,7 +257,7 @@ impl std::error::Error for OptionError {}
 /// `uidmapping=`, `gidmapping=`, `squash_to_root`, `squash_to_uid=N`, `squash_to_gid=N`,
 /// `xattr_permissions=0|1|2`, `static_nlink`, `noacl`, `allow_other`, `allow_root`,
 /// `default_permissions`, `max_write=N` (N > 0), `noxattrs[=0|1]`, `xino=on|off|auto`,
-/// `fsname=NAME`.
+/// `fsname=NAME`, `passthrough=on|off|all`, `metacopy=on|off`.
 ///
 /// Accepted and ignored: `context=`, `fscontext=`, `defcontext=`, `rootcontext=` (SELinux
 /// labels), `subtype=`, and the mount(8)/fstab housekeeping flags `atime`, `relatime`,
@@ -419,6 +423,14 @@ fn apply(o: &mut MountOptions, element: &str) -> Result<(), OptionError> {
                 "off" | "0" => (false, false),
                 _ => return Err(bad_value(name, "on, off or all", v)),
             }
+        }
+        "metacopy" => {
+            let v = required(name, value)?;
+            o.metacopy = Some(match v {
+                "on" => true,
+                "off" => false,
+                _ => return Err(bad_value(name, "on or off", v)),
+            });
         }
         "xino" => {
             let v = required(name, value)?;
@@ -944,6 +956,13 @@ mod tests {
         assert_eq!(
             err(&["passthrough=maybe"]),
             "option 'passthrough' expects on, off or all, got 'maybe'"
+        );
+        assert_eq!(parse(&[]).metacopy, None);
+        assert_eq!(parse(&["metacopy=on"]).metacopy, Some(true));
+        assert_eq!(parse(&["metacopy=on,metacopy=off"]).metacopy, Some(false));
+        assert_eq!(
+            err(&["metacopy=yes"]),
+            "option 'metacopy' expects on or off, got 'yes'"
         );
     }
 

@@ -494,11 +494,26 @@ fn check_upper(fx: &Fixture, op: &FsOp, before: &Tree, after: &Tree, sparse: &[&
         }
         let mut origins = vec![rel.clone()];
         origins.extend((op.origins)(rel));
+        // A metadata-only copy (metacopy=on) keeps its bytes below, whatever it holds (a
+        // kill while its bytes were being copied in leaves some): only its metadata counts.
+        // KNOWN DEFECT (README, Semantics): the bytes are copied into the same inode, which
+        // moves its mtime until the copy-up restores it; a kill in between leaves the
+        // metacopy with the mtime of the kill. The mtime is not compared for those.
+        let metacopy = common::union_metacopy()
+            && common::get_xattr(&fx.u(rel), "trusted.overlay.metacopy").is_ok();
+        let as_copy_of = |l: &Ent| {
+            let mut e = e.clone();
+            if metacopy {
+                e.kind = l.kind.clone();
+                e.mtime = l.mtime;
+            }
+            e
+        };
         let ok = origins
             .iter()
-            .any(|o| lower.get(o).is_some_and(|l| e.matches(l)))
-            || before.get(rel).is_some_and(|b| e.matches(b))
-            || after.get(rel).is_some_and(|a| e.matches(a));
+            .any(|o| lower.get(o).is_some_and(|l| as_copy_of(l).matches(l)))
+            || before.get(rel).is_some_and(|b| as_copy_of(b).matches(b))
+            || after.get(rel).is_some_and(|a| as_copy_of(a).matches(a));
         assert!(
             ok,
             "{}: upper file {rel} is neither a complete copy of its lower source {origins:?} \

@@ -506,6 +506,10 @@ fn driver_name(d: Driver) -> &'static str {
 /// gets no options: its defaults are the kernel's defaults (DESIGN 2.6).
 const KERNEL_OPTS: &[&str] = &["redirect_dir=off", "index=off", "metacopy=off"];
 
+/// The kernel reading an upper with metacopy files (metacopy=on implies redirect_dir=on;
+/// these mounts only read).
+const KERNEL_METACOPY_OPTS: &[&str] = &["index=off", "metacopy=on"];
+
 fn do_mount(
     driver: Driver,
     lowers: &[PathBuf],
@@ -513,13 +517,24 @@ fn do_mount(
     work: &Path,
     mnt: &Path,
 ) -> Result<MountGuard, String> {
-    std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(mnt).map_err(|e| e.to_string())?;
     let extra = if driver == Driver::Kernel {
         KERNEL_OPTS
     } else {
         &[]
     };
+    do_mount_with(driver, extra, lowers, upper, work, mnt)
+}
+
+fn do_mount_with(
+    driver: Driver,
+    extra: &'static [&'static str],
+    lowers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    mnt: &Path,
+) -> Result<MountGuard, String> {
+    std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(mnt).map_err(|e| e.to_string())?;
     let (l, u, w, m) = (
         lowers.to_vec(),
         upper.to_path_buf(),
@@ -1285,6 +1300,7 @@ fn run_seed_in(
     }
     let mut k_upper = snap(&k.join("upper"), View::Upper).map_err(e)?;
     let mut u_upper = snap(&u.join("upper"), View::Upper).map_err(e)?;
+    tree::fill_metacopy(&mut u_upper, &u_merged);
     stats.noop_opaque += ignore_noop_opaque(&mut k_upper, &mut u_upper, &k_lowers);
     stats
         .ignored_xattrs
@@ -1300,8 +1316,14 @@ fn run_seed_in(
     // The kernel reads only its own dialect: when the upper was seeded with OCI markers
     // (which unionmount reads and need not rewrite), the kernel cannot be the judge.
     if u_upper_kernel_readable {
-        let x1 = do_mount(
+        // Metacopy files in the union's upper: the kernel reads them with metacopy=on.
+        let x1 = do_mount_with(
             Driver::Kernel,
+            if common::union_metacopy() {
+                KERNEL_METACOPY_OPTS
+            } else {
+                KERNEL_OPTS
+            },
             &k_lowers,
             &u.join("upper"),
             &u.join("work2"),

@@ -734,8 +734,16 @@ fn run_all(
 /// mtime when it is one of the fixed test times (the window), as `tree` reads it.
 fn tree_lines(rec: &mut Record, tag: &str, root: &Path, view: tree::View) {
     let r = root.to_path_buf();
-    let snap = with_timeout(BODY_SECS, move || tree::snapshot(&r, view))
+    let mut snap = with_timeout(BODY_SECS, move || tree::snapshot(&r, view))
         .unwrap_or_else(|e| panic!("snapshot of {}: {e}", root.display()));
+    if view == tree::View::Upper && !snap.metacopy.is_empty() {
+        // Metadata-only copies (image targets): their bytes are what the mount (the
+        // fixture's `mnt` beside its `upper`) shows.
+        let m = root.with_file_name("mnt");
+        let merged = with_timeout(BODY_SECS, move || tree::snapshot(&m, tree::View::Merged))
+            .unwrap_or_else(|e| panic!("snapshot of the mount beside {}: {e}", root.display()));
+        tree::fill_metacopy(&mut snap, &merged);
+    }
     for a in &snap.anomalies {
         rec.put(format!("{tag} anomaly"), a.clone());
     }

@@ -48,7 +48,11 @@ fn make_image(dir: &Path, tag: &str) -> String {
 fn make_image_with(dir: &Path, tag: &str, bad_diff_id: bool) -> String {
     fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
     let base = layer(&[("etc/greeting", b"hello\n"), ("bin/tool", b"#!/bin/sh\n")]);
-    let top = layer(&[("etc/greeting", b"bonjour\n"), ("app/data", &[7u8; 5000])]);
+    let top = layer(&[
+        ("etc/greeting", b"bonjour\n"),
+        ("app/data", &[7u8; 5000]),
+        ("opt/doc", b"documentation\n"),
+    ]);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(&base).unwrap();
     let base_gz = gz.finish().unwrap();
@@ -379,9 +383,15 @@ fn commit_mounts_back_to_what_the_container_saw() {
         fs::hard_link(m.join("new"), m.join("deep/er/hard")).unwrap();
         fs::set_permissions(m.join("new"), fs::Permissions::from_mode(0o4751)).unwrap();
         xattr_set(&m.join("new"), "user.note", b"kept");
+        // A metadata-only copy-up: the commit takes its bytes from the image below.
+        fs::set_permissions(m.join("opt/doc"), fs::Permissions::from_mode(0o600)).unwrap();
         tree::snapshot(&m, tree::View::Merged).unwrap()
     });
     guard.unmount().unwrap();
+    assert!(
+        common::stores_no_data(&p("u").join("opt/doc")),
+        "opt/doc was copied up without its bytes"
+    );
 
     let o = image(
         &store,
@@ -400,7 +410,7 @@ fn commit_mounts_back_to_what_the_container_saw() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.starts_with("v2 sha256:"), "{out}");
-    assert!(out.trim_end().ends_with("(12 entries)"), "{out}");
+    assert!(out.trim_end().ends_with("(14 entries)"), "{out}");
 
     // The new image mounts (read-only, no upper) to exactly the tree the container saw.
     let o = unionmount(&[

@@ -871,40 +871,44 @@ fn writable_image_mount_copies_up_from_gzip_layer() {
     );
     guard.unmount().unwrap();
 
-    let check =
-        |rel: &str, content: &[u8], mode: u32, owner: (u32, u32), xattrs: &[(&str, &[u8])]| {
-            let p = upper.join(rel);
-            let md = lstat(&p).unwrap_or_else(|e| panic!("upper {rel}: {e}"));
-            assert!(md.is_file(), "upper {rel} is a regular file");
-            assert_eq!(fs::read(&p).unwrap(), content, "upper {rel}: content");
-            assert_eq!(md.mode() & 0o7777, mode, "upper {rel}: mode");
-            assert_eq!((md.uid(), md.gid()), owner, "upper {rel}: owner");
-            let names: Vec<String> = list_xattrs(&p)
-                .unwrap()
-                .into_iter()
-                .filter(|n| {
-                    !n.starts_with("trusted.overlay.") && !n.starts_with("user.unionmount.")
-                })
-                .collect();
-            let want: Vec<String> = xattrs.iter().map(|(n, _)| n.to_string()).collect();
-            assert_eq!(names, want, "upper {rel}: xattr names");
-            for (n, v) in xattrs {
-                assert_eq!(get_xattr(&p, n).unwrap(), *v, "upper {rel}: xattr {n}");
+    // `Meta(len)`: a metadata-only copy (the bytes stay in the image layer).
+    let check = |rel: &str, content: Up, mode: u32, owner: (u32, u32), xattrs: &[(&str, &[u8])]| {
+        let p = upper.join(rel);
+        let md = lstat(&p).unwrap_or_else(|e| panic!("upper {rel}: {e}"));
+        assert!(md.is_file(), "upper {rel} is a regular file");
+        match content {
+            Up::Data(d) => {
+                assert_eq!(fs::read(&p).unwrap(), d, "upper {rel}: content");
+                assert_errno_of(get_xattr(&p, "trusted.overlay.metacopy"), libc::ENODATA);
             }
-        };
+            Up::Meta(len) => assert_metacopy(&p, len),
+        }
+        assert_eq!(md.mode() & 0o7777, mode, "upper {rel}: mode");
+        assert_eq!((md.uid(), md.gid()), owner, "upper {rel}: owner");
+        let names: Vec<String> = list_xattrs(&p)
+            .unwrap()
+            .into_iter()
+            .filter(|n| !n.starts_with("trusted.overlay.") && !n.starts_with("user.unionmount."))
+            .collect();
+        let want: Vec<String> = xattrs.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(names, want, "upper {rel}: xattr names");
+        for (n, v) in xattrs {
+            assert_eq!(get_xattr(&p, n).unwrap(), *v, "upper {rel}: xattr {n}");
+        }
+    };
     check(
         "data/big.bin",
-        &big,
+        Up::Data(&big),
         0o640,
         (1000, 1001),
         &[("user.x", b"big")],
     );
     // Root keeps setuid on its own write (the kernel clears it only for callers without
     // CAP_FSETID).
-    check("bin/su", b"replaced\n", 0o4755, (0, 0), &[]);
+    check("bin/su", Up::Data(b"replaced\n"), 0o4755, (0, 0), &[]);
     check(
         "bin/ping",
-        PING,
+        Up::Meta(PING.len() as u64),
         0o755,
         (0, 0),
         &[
@@ -925,6 +929,143 @@ fn writable_image_mount_copies_up_from_gzip_layer() {
         "the upper holds the changed files and their parents only"
     );
     assert_work_clean(&work);
+}
+
+/// What an upper file must hold: these bytes, or none yet (a metacopy of this size).
+enum Up<'a> {
+    Data(&'a [u8]),
+    Meta(u64),
+}
+
+fn assert_errno_of<T: std::fmt::Debug>(r: io::Result<T>, errno: i32) {
+    match r {
+        Err(e) if e.raw_os_error() == Some(errno) => {}
+        other => panic!("expected errno {errno}, got {other:?}"),
+    }
+}
+
+/// `p` is a metadata-only copy in the kernel's format: `len` bytes long, none of them
+/// stored, and the `trusted.overlay.metacopy` marker.
+fn assert_metacopy(p: &Path, len: u64) {
+    let md = lstat(p).unwrap_or_else(|e| panic!("upper {}: {e}", p.display()));
+    assert_eq!(md.len(), len, "{}: size", p.display());
+    assert!(common::stores_no_data(p), "{}: no data stored", p.display());
+    assert_eq!(
+        get_xattr(p, "trusted.overlay.metacopy")
+            .unwrap_or_else(|e| panic!("{}: metacopy marker: {e}", p.display())),
+        b""
+    );
+}
+
+/// DESIGN 4: metadata changes (chmod, chown, utimes, setxattr) and an O_TRUNC rewrite of
+/// image files fetch none of their bytes, with passthrough and without it (the writeback
+/// cache sends O_TRUNC as a truncate after the open). objects/ never gains those files;
+/// the upper holds metacopy files that read as the image's bytes, after a remount too; a
+/// rename brings the bytes up (fetched and verified then), drops the marker and keeps
+/// the file's times.
+#[test]
+fn image_metadata_changes_and_o_trunc_fetch_no_data() {
+    if !mount_allowed() {
+        return;
+    }
+    for opts in [&[][..], &["-o", "passthrough=off"][..]] {
+        let fx = Fixture::new(0);
+        let img = test_image();
+        let layout_dir = fx.dir.join("layout");
+        write_oci(&img, &layout_dir);
+        let store = fx.dir.join("store");
+        let spec = format!("oci:{}:{TAG}", layout_dir.display());
+        let st = Store::open_or_create(&store).unwrap();
+        st.import(&ImageSource::parse(&spec).unwrap(), None)
+            .unwrap();
+        let fetched = |data: &[u8]| st.object_path(&sha256_of(data)).exists();
+        let (upper, work) = (fx.upper.clone(), fx.work.clone());
+        let mut args = vec![
+            "--upper",
+            upper.to_str().unwrap(),
+            "--work",
+            work.to_str().unwrap(),
+        ];
+        args.extend_from_slice(opts);
+        let guard = mount_image(TAG, &store, &args, &fx.mnt);
+        let m = fx.mnt.clone();
+        with_timeout(BODY_SECS, move || {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(m.join("etc/passwd"), fs::Permissions::from_mode(0o600)).unwrap();
+            common::lchown(&m.join("etc/hosts"), 3, 4).unwrap();
+            set_times(
+                &m.join("bin/ping"),
+                (T0 as i64 + 9, 9),
+                (T0 as i64 + 10, 10),
+            )
+            .unwrap();
+            set_xattr(&m.join("app/bin/run"), "user.k", b"v").unwrap();
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(m.join("bin/su"))
+                .unwrap();
+            f.write_all(b"new su\n").unwrap();
+        });
+        for (what, data) in [
+            ("etc/passwd", PASSWD),
+            ("etc/hosts", HOSTS_MID),
+            ("bin/ping", PING),
+            ("app/bin/run", APP_RUN),
+            ("bin/su", SU),
+        ] {
+            assert!(!fetched(data), "{opts:?}: {what} was fetched");
+        }
+        assert_eq!(read_within(&fx.m("etc/passwd")).unwrap(), PASSWD);
+        assert_eq!(read_within(&fx.m("bin/su")).unwrap(), b"new su\n");
+        guard.unmount().unwrap();
+        assert_metacopy(&upper.join("etc/passwd"), PASSWD.len() as u64);
+        assert_metacopy(&upper.join("etc/hosts"), HOSTS_MID.len() as u64);
+        assert_metacopy(&upper.join("bin/ping"), PING.len() as u64);
+        assert_metacopy(&upper.join("app/bin/run"), APP_RUN.len() as u64);
+        assert_eq!(fs::read(upper.join("bin/su")).unwrap(), b"new su\n");
+        assert_errno_of(
+            get_xattr(&upper.join("bin/su"), "trusted.overlay.metacopy"),
+            libc::ENODATA,
+        );
+        assert_work_clean(&work);
+
+        // Remounted: the metacopies still read as the image's bytes, with their metadata.
+        let guard = mount_image(TAG, &store, &args, &fx.mnt);
+        assert_eq!(read_within(&fx.m("etc/hosts")).unwrap(), HOSTS_MID);
+        assert_eq!(read_within(&fx.m("bin/ping")).unwrap(), PING);
+        let hosts = lstat(fx.m("etc/hosts")).unwrap();
+        assert_eq!(
+            (hosts.uid(), hosts.gid(), hosts.mode() & 0o7777),
+            (3, 4, 0o600)
+        );
+        let ping = lstat(fx.m("bin/ping")).unwrap();
+        assert_eq!((ping.mtime(), ping.mtime_nsec()), (T0 as i64 + 10, 10));
+        assert!(!fetched(APP_RUN), "{opts:?}: app/bin/run was fetched");
+        let run = lstat(fx.m("app/bin/run")).unwrap();
+        let m = fx.mnt.clone();
+        with_timeout(BODY_SECS, move || {
+            fs::rename(m.join("app/bin/run"), m.join("app/bin/run2")).unwrap()
+        });
+        assert!(
+            fetched(APP_RUN),
+            "{opts:?}: renaming app/bin/run fetched its bytes"
+        );
+        let run2 = lstat(fx.m("app/bin/run2")).unwrap();
+        assert_eq!(
+            (run2.mtime(), run2.mtime_nsec()),
+            (run.mtime(), run.mtime_nsec())
+        );
+        assert_eq!(run2.ino(), run.ino(), "{opts:?}: the inode number stays");
+        assert_eq!(read_within(&fx.m("app/bin/run2")).unwrap(), APP_RUN);
+        guard.unmount().unwrap();
+        let p = upper.join("app/bin/run2");
+        assert_eq!(fs::read(&p).unwrap(), APP_RUN);
+        assert_errno_of(get_xattr(&p, "trusted.overlay.metacopy"), libc::ENODATA);
+        assert_eq!(get_xattr(&p, "user.k").unwrap(), b"v");
+        assert_metacopy(&upper.join("etc/passwd"), PASSWD.len() as u64);
+        assert_work_clean(&work);
+    }
 }
 
 /// Relative paths under a plain directory, sorted.

@@ -29,6 +29,10 @@ pub enum Data {
     All,
     /// No bytes: the caller is about to truncate to zero (O_TRUNC, truncate(0)).
     None,
+    /// Not the bytes yet (chmod, chown, utimes, xattrs): with metacopy, the upper file gets
+    /// the metadata and size only, and its bytes are copied on the first change that needs
+    /// them (`Data::All`), or dropped by a truncate to zero (`Data::None`). Else as `All`.
+    Meta,
 }
 
 impl Union {
@@ -37,8 +41,14 @@ impl Union {
         if !self.has_upper {
             return Err(err(libc::EROFS));
         }
+        let data = if data == Data::Meta && !(self.behaviour.metacopy && node.kind == libc::S_IFREG)
+        {
+            Data::All
+        } else {
+            data
+        };
         if self.is_upper(node.top_layer()) {
-            return Ok(());
+            return self.finish_metacopy(node, data);
         }
         if node.id == ROOT_ID {
             // The upper root always exists.
@@ -54,18 +64,26 @@ impl Union {
         let _guard = node.copy_lock.lock().unwrap_or_else(|e| e.into_inner());
         let li = node.top_layer();
         if self.is_upper(li) {
-            return Ok(());
+            drop(_guard);
+            return self.finish_metacopy(node, data);
         }
         let lower_dir = self.dir_in(&parent, li)?;
         let upper_dir = self.dir_in(&parent, 0)?;
         let st = lower_dir.stat(&name)?;
+        // A file without bytes has nothing to leave below.
+        let mut data = if data == Data::Meta && st.st_size == 0 {
+            Data::All
+        } else {
+            data
+        };
         let work = self.work()?;
         let tmp = self.tmp_name();
         // Copy-up is not a change the user made: the parent keeps its times (as overlayfs).
         let pst = nix::sys::stat::fstat(upper_dir.fd()?).map_err(nix_err)?;
         let res = self
             .build_copy(&lower_dir, &name, &st, work, &tmp, data)
-            .and_then(|()| {
+            .and_then(|used| {
+                data = used;
                 nix::fcntl::renameat2(
                     work,
                     tmp.as_os_str(),
@@ -101,6 +119,8 @@ impl Union {
             let mut state = node.write();
             if node.is_dir() {
                 state.layers.insert(0, 0);
+            } else if data == Data::Meta {
+                state.layers = vec![0, li];
             } else {
                 state.layers = vec![0];
             }
@@ -124,6 +144,108 @@ impl Union {
             }
         }
         Ok(())
+    }
+
+    /// Completes a metadata-only copy of `node` when `data` asks for more: its bytes are
+    /// written into the upper file (All), or the file is emptied (None, before a truncate
+    /// to zero), and only then the marker goes. The upper inode stays the same one, and a
+    /// crash before the marker goes leaves a metacopy whose bytes are still read below.
+    fn finish_metacopy(&self, node: &Node, data: Data) -> io::Result<()> {
+        if data == Data::Meta || !node.is_metacopy() {
+            return Ok(());
+        }
+        let _guard = node.copy_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !node.is_metacopy() {
+            return Ok(());
+        }
+        let li = node.data_layer();
+        let dst = self.open_upper_for_fill(node)?;
+        let res = (|| {
+            if data == Data::All {
+                let (ldir, lname) = self.parent_in(node, li)?;
+                let st = ldir.stat(&lname)?;
+                let src = ldir.open(&lname, OFlag::O_RDONLY)?;
+                let ust = nix::sys::stat::fstat(&dst).map_err(nix_err)?;
+                copy_data(src.as_fd(), dst.as_fd(), st.st_size as u64)?;
+                // Bringing the bytes up is not a change of the file: its times stay.
+                nix::sys::stat::futimens(
+                    dst.as_fd(),
+                    &TimeSpec::new(ust.st_atime, ust.st_atime_nsec),
+                    &TimeSpec::new(ust.st_mtime, ust.st_mtime_nsec),
+                )
+                .map_err(nix_err)?;
+                // The bytes reach the disk before the marker leaves it (see build_copy).
+                if self.behaviour.fsync {
+                    nix::unistd::fdatasync(dst.as_fd()).map_err(nix_err)?;
+                }
+            } else {
+                nix::unistd::ftruncate(dst.as_fd(), 0).map_err(nix_err)?;
+            }
+            for x in super::whiteout::METACOPY_XATTRS {
+                match sys::removexattr(XTarget::Fd(dst.as_fd()), x) {
+                    Ok(()) => {}
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::ENODATA | libc::ENOTSUP | libc::EPERM)
+                        ) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = res {
+            log::warn!(
+                "copy-up of the data of inode {} from {} failed: {e}",
+                node.ino,
+                self.layers[li].path.display()
+            );
+            return Err(e);
+        }
+        node.write().layers = vec![0];
+        Ok(())
+    }
+
+    /// The upper file of a metacopy node opened for writing its bytes. The daemon may own
+    /// it without write permission (a rootless mount after chmod a-w): it adds owner write
+    /// for the open and puts the mode back on the open file.
+    fn open_upper_for_fill(&self, node: &Node) -> io::Result<std::os::fd::OwnedFd> {
+        let (dir, name) = self.parent_in(node, 0)?;
+        let fd = dir.fd()?;
+        let open = || open_at(fd, &name, OFlag::O_WRONLY | OFlag::O_NOFOLLOW, 0);
+        let f = match open() {
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                let st = stat_at(fd, &name)?;
+                if !self.is_node_object(node, &st) {
+                    return Err(err(libc::ESTALE));
+                }
+                let mode = Mode::from_bits_truncate(st.st_mode & 0o7777);
+                nix::sys::stat::fchmodat(
+                    fd,
+                    name.as_os_str(),
+                    mode | Mode::S_IWUSR,
+                    nix::sys::stat::FchmodatFlags::NoFollowSymlink,
+                )
+                .map_err(nix_err)?;
+                let f = open();
+                let back = match &f {
+                    Ok(f) => nix::sys::stat::fchmod(f.as_fd(), mode),
+                    Err(_) => nix::sys::stat::fchmodat(
+                        fd,
+                        name.as_os_str(),
+                        mode,
+                        nix::sys::stat::FchmodatFlags::NoFollowSymlink,
+                    ),
+                };
+                back.map_err(nix_err)?;
+                f?
+            }
+            r => r?,
+        };
+        if !self.is_node_object(node, &nix::sys::stat::fstat(&f).map_err(nix_err)?) {
+            return Err(err(libc::ESTALE));
+        }
+        Ok(f)
     }
 
     /// Links the name (parent, name) of an upper node into the upper, unless it is there.
@@ -152,8 +274,8 @@ impl Union {
         st: &FileStat,
         work: BorrowedFd,
         tmp: &OsStr,
-        data: Data,
-    ) -> io::Result<()> {
+        mut data: Data,
+    ) -> io::Result<Data> {
         match file_type(st) {
             libc::S_IFREG => {
                 let dst = open_at(
@@ -162,6 +284,23 @@ impl Union {
                     OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
                     0o600,
                 )?;
+                if data == Data::Meta {
+                    // The size and the marker; the bytes stay below (see `Data::Meta`).
+                    nix::unistd::ftruncate(dst.as_fd(), st.st_size).map_err(nix_err)?;
+                    let x = self.markers.metacopy_xattr();
+                    match sys::setxattr(XTarget::Fd(dst.as_fd()), &x, b"", 0) {
+                        Ok(()) => {}
+                        // The upper cannot hold the marker: a full copy then.
+                        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP | libc::EPERM)) => {
+                            log::info!(
+                                "metacopy: the upper refuses {}: {e}; copying data",
+                                String::from_utf8_lossy(&x)
+                            );
+                            data = Data::All;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
                 if data == Data::All {
                     // Opened only when its bytes are wanted: for an image layer, opening
                     // fetches the content (O_TRUNC copy-ups fetch nothing).
@@ -211,7 +350,8 @@ impl Union {
             &times[1],
             UtimensatFlags::NoFollowSymlink,
         )
-        .map_err(nix_err)
+        .map_err(nix_err)?;
+        Ok(data)
     }
 }
 

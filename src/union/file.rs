@@ -181,14 +181,83 @@ impl Union {
         if w {
             let data = if flags & libc::O_TRUNC != 0 {
                 Data::None
+            } else if self.writeback {
+                // Every write reaches the daemon: the bytes are copied up by the first
+                // one (or dropped by a truncate to zero, which is how an O_TRUNC open
+                // arrives with the writeback cache), not by the open (with metacopy).
+                Data::Meta
             } else {
                 Data::All
             };
             self.copy_up(&node, data)?;
         }
-        let li = node.top_layer();
-        let fd = self.open_real(&node, li, flags)?;
+        // A metacopy's bytes are below: its handles read them there until they are up.
+        let li = node.data_layer();
+        if w && !self.is_upper(li) {
+            // A writable handle of a metacopy: its lower file is opened by the first read
+            // (for an image layer, opening fetches the bytes; an O_TRUNC open never reads).
+            return Ok(self.add_handle_without_fd(node, flags));
+        }
+        let fd = self.open_real(&node, li, self.flags_in(li, flags))?;
         Ok(self.add_handle(node, fd, li, flags))
+    }
+
+    /// Opens the file at `path` (relative, '/'-separated) read-only, looking each name up
+    /// as the kernel would (for commit: the bytes of a metacopy in the image below).
+    pub fn open_path(&self, path: &[u8]) -> io::Result<File> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut ino = super::node::ROOT_ID;
+        for name in path
+            .split(|b| *b == b'/')
+            .filter(|n| !n.is_empty() && *n != b".")
+        {
+            ino = self.lookup(ino, std::ffi::OsStr::from_bytes(name))?.0.id;
+        }
+        let fh = self.open(ino, libc::O_RDONLY)?;
+        let f = self.handle(fh).and_then(|h| self.current_file(&h));
+        self.release(fh);
+        f?.try_clone()
+    }
+
+    /// Registers a handle whose fd `file_of` opens on first use.
+    fn add_handle_without_fd(&self, node: Arc<Node>, flags: i32) -> u64 {
+        let fh = self.new_fh();
+        self.handles.insert(
+            fh,
+            Arc::new(Handle {
+                node,
+                fh,
+                file: RwLock::new(None),
+                upper: AtomicBool::new(false),
+                pinned: AtomicBool::new(false),
+                flags,
+            }),
+        );
+        self.handle_fds.closed.fetch_add(1, Ordering::AcqRel);
+        fh
+    }
+
+    /// Open flags for the object in layer `li`: a lower file is only ever opened for
+    /// reading (a writable handle of a metacopy reads its bytes there until the first write).
+    fn flags_in(&self, li: usize, flags: i32) -> i32 {
+        if self.is_upper(li) {
+            flags
+        } else {
+            (flags & !(libc::O_ACCMODE | libc::O_TRUNC | libc::O_APPEND)) | libc::O_RDONLY
+        }
+    }
+
+    /// The handle's file for a change of its bytes: a writable handle of a metacopy gets
+    /// the bytes copied up first, then moves to the upper file.
+    fn file_to_write(&self, h: &Handle) -> io::Result<Arc<File>> {
+        if !h.is_upper() && writable(h.flags) && !h.node.superseded.load(Ordering::Acquire) {
+            self.copy_up(&h.node, Data::All)?;
+        }
+        let f = self.current_file(h)?;
+        if !h.is_upper() {
+            return Err(err(libc::EBADF));
+        }
+        Ok(f)
     }
 
     /// Registers an open fd as a handle.
@@ -248,8 +317,8 @@ impl Union {
         if let Some(f) = slot.as_ref() {
             return Ok(f.clone());
         }
-        let li = if h.is_upper() { 0 } else { h.node.top_layer() };
-        let fd = self.open_real(&h.node, li, h.flags & !libc::O_TRUNC)?;
+        let li = if h.is_upper() { 0 } else { h.node.data_layer() };
+        let fd = self.open_real(&h.node, li, self.flags_in(li, h.flags & !libc::O_TRUNC))?;
         let f = Arc::new(File::from(fd));
         *slot = Some(f.clone());
         drop(slot);
@@ -299,7 +368,11 @@ impl Union {
             .collect();
         for h in hs {
             h.pinned.store(true, Ordering::Release);
-            if self.handle_fds.closed.load(Ordering::Acquire) > 0 {
+            if !h.is_upper() && writable(h.flags) {
+                // A writable handle of a metacopy: once the name is gone nothing can copy
+                // the bytes up, and its writes must reach the file it opened.
+                self.file_to_write(&h)?;
+            } else if self.handle_fds.closed.load(Ordering::Acquire) > 0 {
                 self.file_of(&h)?;
             }
         }
@@ -325,7 +398,7 @@ impl Union {
     /// A superseded node's handles keep the lower file, as its passthrough readers do.
     fn current_file(&self, h: &Handle) -> io::Result<Arc<File>> {
         if !h.is_upper()
-            && self.is_upper(h.node.top_layer())
+            && self.is_upper(h.node.data_layer())
             && !h.node.superseded.load(Ordering::Acquire)
         {
             let fd = self.open_real(&h.node, 0, h.flags & !libc::O_TRUNC)?;
@@ -365,10 +438,7 @@ impl Union {
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> io::Result<u32> {
         let h = self.handle(fh)?;
-        if !h.is_upper() {
-            return Err(err(libc::EBADF));
-        }
-        let f = self.file_of(&h)?;
+        let f = self.file_to_write(&h)?;
         let mut done = 0;
         while done < data.len() {
             match f.write_at(&data[done..], offset + done as u64) {
@@ -388,7 +458,7 @@ impl Union {
     /// The real file behind a handle, and whether it is the upper's.
     pub fn handle_file(&self, fh: u64) -> io::Result<(Arc<File>, bool)> {
         let h = self.handle(fh)?;
-        Ok((self.file_of(&h)?, h.is_upper()))
+        Ok((self.current_file(&h)?, h.is_upper()))
     }
 
     /// Whether the handle's file is the upper's (None: no such handle).
@@ -406,10 +476,12 @@ impl Union {
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> io::Result<()> {
         let h = self.handle(fh)?;
+        // Through the upper file once the node's bytes are there, even if they were
+        // written (copied up) through another handle.
+        let f = self.current_file(&h)?;
         if !self.behaviour.fsync || !h.is_upper() {
             return Ok(());
         }
-        let f = self.file_of(&h)?;
         // fdatasync of a file this mount copied up also commits the copy-up's rename (a
         // full fsync does, through the ctime the rename set): otherwise a crash can lose
         // the upper name, and with it the synced data (kernel overlayfs has that hole).
@@ -423,11 +495,8 @@ impl Union {
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> io::Result<()> {
         let h = self.handle(fh)?;
-        if !h.is_upper() {
-            return Err(err(libc::EBADF));
-        }
         nix::fcntl::fallocate(
-            self.file_of(&h)?.as_fd(),
+            self.file_to_write(&h)?.as_fd(),
             nix::fcntl::FallocateFlags::from_bits_truncate(mode),
             offset as i64,
             len as i64,
@@ -451,11 +520,8 @@ impl Union {
     ) -> io::Result<u32> {
         let hi = self.handle(fh_in)?;
         let ho = self.handle(fh_out)?;
-        if !ho.is_upper() {
-            return Err(err(libc::EBADF));
-        }
+        let fo = self.file_to_write(&ho)?;
         let fi = self.current_file(&hi)?;
-        let fo = self.file_of(&ho)?;
         let (mut a, mut b) = (off_in as i64, off_out as i64);
         let want = len.min(u32::MAX as u64 & !0xfff) as usize;
         let n =

@@ -96,6 +96,9 @@ pub struct Behaviour {
     pub squash_gid: Option<u32>,
     pub uid_map: Vec<IdMap>,
     pub gid_map: Vec<IdMap>,
+    /// Metadata changes of lower files copy up metadata only (`metacopy=on`; the default
+    /// when a lower is an image layer, whose bytes would have to be fetched).
+    pub metacopy: bool,
 }
 
 pub struct Union {
@@ -201,6 +204,10 @@ impl Union {
             .root_stat()
             .map_err(|e| format!("{}: {e}", layers[0].path.display()))?;
         let root_layers = (0..layers.len()).collect();
+        let metacopy = has_upper
+            && opts
+                .metacopy
+                .unwrap_or_else(|| layers.iter().skip(1).any(|l| l.is_virtual()));
         let can_chown = crate::sys::geteuid() == 0;
         Ok(Union {
             handle_ok: std::sync::atomic::AtomicBool::new(true),
@@ -231,6 +238,7 @@ impl Union {
                 squash_gid: opts.squash_to_gid.or(opts.squash_to_root.then_some(0)),
                 uid_map: opts.uid_mapping.clone(),
                 gid_map: opts.gid_mapping.clone(),
+                metacopy,
             },
             namemax: (statfs.name_max() as u32).saturating_sub(4),
             can_chown,
@@ -360,6 +368,8 @@ impl Union {
     /// Resolves `name` in directory `parent` across its layers (DESIGN 2.1).
     pub fn resolve(&self, parent: &Node, name: &OsStr) -> io::Result<Option<(Found, FileStat)>> {
         let mut found: Option<(Found, FileStat)> = None;
+        // The upper holds a metadata-only copy: its bytes are in the next layer's file.
+        let mut metacopy = false;
         for probe in self.probes(parent, name)? {
             let li = probe.layer;
             let Some(dir) = self.dir_if_present(parent, li)? else {
@@ -378,6 +388,11 @@ impl Union {
                 let d = is_dir(&st);
                 match &mut found {
                     None => {
+                        metacopy = self.behaviour.metacopy
+                            && self.is_upper(li)
+                            && crate::layer::file_type(&st) == libc::S_IFREG
+                            && st.st_size > 0
+                            && whiteout::is_metacopy(dfd, name)?;
                         found = Some((
                             Found {
                                 kind: crate::layer::file_type(&st),
@@ -386,12 +401,17 @@ impl Union {
                             },
                             st,
                         ));
-                        if !d || self.child_opaque(dfd, name, &st, li)? {
+                        if !metacopy && (!d || self.child_opaque(dfd, name, &st, li)?) {
                             break;
                         }
                     }
                     Some((f, _)) => {
-                        if f.kind == libc::S_IFDIR && d {
+                        if metacopy {
+                            if crate::layer::file_type(&st) == libc::S_IFREG {
+                                f.layers.push(li);
+                            }
+                            break;
+                        } else if f.kind == libc::S_IFDIR && d {
                             f.layers.push(li);
                             if self.child_opaque(dfd, name, &st, li)? {
                                 break;
@@ -405,6 +425,14 @@ impl Union {
             if probe.oci_whiteout_at(dfd, name)? {
                 break;
             }
+        }
+        if metacopy && found.as_ref().is_some_and(|(f, _)| f.layers.len() < 2) {
+            // As overlayfs: a metacopy whose lower file is gone has no bytes to show.
+            log::warn!(
+                "{}: metadata-only copy in the upper, but no lower file holds its data",
+                show(name)
+            );
+            return Err(err(libc::EIO));
         }
         Ok(found)
     }
@@ -546,6 +574,14 @@ impl Union {
             Some(st) if RealId::of(&st) == e.real => st,
             _ => return self.lookup(parent, &e.name),
         };
+        if self.behaviour.metacopy
+            && self.is_upper(e.top)
+            && e.kind == libc::S_IFREG
+            && st.st_size > 0
+        {
+            // May be a metadata-only copy: only a lookup finds its data layer.
+            return self.lookup(parent, &e.name);
+        }
         let found = Found {
             kind: e.kind,
             layers: e.layers(),
@@ -593,6 +629,14 @@ impl Union {
 
     fn finish_attr(&self, node: &Node, mut st: FileStat) -> Attr {
         st.st_ino = node.ino;
+        if node.is_metacopy() {
+            // The blocks its bytes take are the lower file's (as overlayfs reports them).
+            if let Ok((dir, name)) = self.parent_in(node, node.data_layer())
+                && let Ok(lst) = dir.stat(&name)
+            {
+                st.st_blocks = lst.st_blocks;
+            }
+        }
         if node.is_dir() && (self.behaviour.static_nlink || node.read().layers.len() > 1) {
             // overlayfs reports nlink 1 for merged directories (the count is unknowable).
             st.st_nlink = 1;

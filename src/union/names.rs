@@ -583,7 +583,8 @@ impl Union {
         }
     }
 
-    /// setattr: chmod, chown, truncate, utimens. Copies up first (no data for truncate to 0).
+    /// setattr: chmod, chown, truncate, utimens. Copies up first (no data for truncate to 0,
+    /// and only metadata for the rest with metacopy).
     #[allow(clippy::too_many_arguments)]
     pub fn setattr(
         &self,
@@ -597,10 +598,10 @@ impl Union {
         fh: Option<u64>,
     ) -> io::Result<Attr> {
         let node = self.nodes.get(ino)?;
-        let data = if size == Some(0) && mode.is_none() && uid.is_none() && gid.is_none() {
-            Data::None
-        } else {
-            Data::All
+        let data = match size {
+            None => Data::Meta,
+            Some(0) if mode.is_none() && uid.is_none() && gid.is_none() => Data::None,
+            Some(_) => Data::All,
         };
         self.copy_up(&node, data)?;
         // A racing unlink or rename may have put a whiteout or another object at the name

@@ -31,8 +31,9 @@ pub struct NodeState {
     /// (parent, name) pairs this node is reachable by; the first one is used to reach it in
     /// the layers. Empty when the node was unlinked (it lives on through open handles).
     pub aliases: Vec<(NodeId, OsString)>,
-    /// Layers holding the object, top first. A non-directory has exactly one; a directory
-    /// lists every layer it merges, ending at the first opaque one.
+    /// Layers holding the object, top first. A non-directory has one, or two for a
+    /// metadata-only copy (metacopy): the upper (metadata) and the lower holding its bytes.
+    /// A directory lists every layer it merges, ending at the first opaque one.
     pub layers: Vec<LayerIdx>,
 }
 
@@ -107,6 +108,16 @@ impl Node {
 
     pub fn layers(&self) -> Vec<LayerIdx> {
         self.read().layers.clone()
+    }
+
+    /// The layer holding a file's bytes: its only one, or the lower one of a metacopy.
+    pub fn data_layer(&self) -> LayerIdx {
+        self.read().layers.last().copied().unwrap_or(usize::MAX)
+    }
+
+    /// A file copied up without its bytes (they are still in `data_layer`).
+    pub fn is_metacopy(&self) -> bool {
+        !self.is_dir() && self.read().layers.len() > 1
     }
 }
 

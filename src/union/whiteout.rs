@@ -199,6 +199,12 @@ impl MarkerWriter {
         }
     }
 
+    /// The marker of a metadata-only copy-up (kernel `metacopy=on` format): the upper file
+    /// carries the metadata and its size, its bytes are still in the lower file at its path.
+    pub fn metacopy_xattr(&self) -> Vec<u8> {
+        format!("{}overlay.metacopy", self.xattr_ns).into_bytes()
+    }
+
     pub fn opaque_xattr(&self) -> Vec<u8> {
         format!("{}overlay.opaque", self.xattr_ns).into_bytes()
     }
@@ -232,6 +238,22 @@ impl MarkerWriter {
     pub fn set_opaque(&self, dir: BorrowedFd, name: &OsStr) -> io::Result<()> {
         sys::setxattr(XTarget::At(dir, name), &self.opaque_xattr(), b"y", 0)
     }
+}
+
+/// Metacopy markers, as the kernel writes them (as root, or rootless with `userxattr`).
+pub const METACOPY_XATTRS: [&[u8]; 2] = [b"trusted.overlay.metacopy", b"user.overlay.metacopy"];
+
+/// Is upper file `name` in `dir` a metadata-only copy (its bytes still below)?
+pub fn is_metacopy(dir: &LDir, name: &OsStr) -> io::Result<bool> {
+    for x in METACOPY_XATTRS {
+        match dir.getxattr(Some(name), x) {
+            Ok(Some(_)) => return Ok(true),
+            Ok(None) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP | libc::EPERM)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
 }
 
 /// Removes every entry of a directory that holds only whiteouts and markers (an upper dir

@@ -100,7 +100,7 @@ impl Union {
         if !self.has_upper {
             return Err(err(libc::EROFS));
         }
-        self.copy_up(&node, Data::All)?;
+        self.copy_up(&node, Data::Meta)?;
         let (dir, n) = self.parent_in(&node, 0)?;
         sys::setxattr(XTarget::At(dir.fd()?, &n), &stored, value, flags)
     }
@@ -122,7 +122,7 @@ impl Union {
         }
         // Nothing to remove means nothing to copy up.
         self.getxattr(ino, name)?;
-        self.copy_up(&node, Data::All)?;
+        self.copy_up(&node, Data::Meta)?;
         let (dir, n) = self.parent_in(&node, 0)?;
         sys::removexattr(XTarget::At(dir.fd()?, &n), &stored)
     }

@@ -1499,3 +1499,29 @@ pub fn xorshift64star(state: &mut u64) -> u64 {
     *state = x;
     x.wrapping_mul(0x2545_F491_4F6C_DD1D)
 }
+
+/// Is a union mount in this test run making metadata-only copies? On with
+/// `metacopy=on` in UNIONMOUNT_TEST_OPTS, and by default over virtual (image-like) lowers.
+#[allow(dead_code)]
+pub fn union_metacopy() -> bool {
+    let opts = std::env::var("UNIONMOUNT_TEST_OPTS").unwrap_or_default();
+    let given = opts
+        .split(',')
+        .filter_map(|o| o.strip_prefix("metacopy="))
+        .next_back();
+    match given {
+        Some(v) => v == "on",
+        None => std::env::var_os("UNIONMOUNT_TEST_VIRTUAL_LOWERS").is_some(),
+    }
+}
+
+/// Does the file at `p` store no data at all (SEEK_DATA finds none: one hole)? Its xattrs
+/// may still take a block, which `st_blocks` would count.
+#[allow(dead_code)]
+pub fn stores_no_data(p: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    // SAFETY: lseek on an fd we own.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+    r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)
+}

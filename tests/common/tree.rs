@@ -145,6 +145,22 @@ pub struct Snapshot {
     /// Problems that are wrong on their own: duplicate readdir names, names that readdir
     /// lists but lstat cannot find.
     pub anomalies: Vec<String>,
+    /// Files of an upper (View::Upper) that are metadata-only copies (`overlay.metacopy`):
+    /// their bytes are still in a lower layer. The marker is not in their xattrs.
+    pub metacopy: BTreeSet<String>,
+}
+
+/// Metacopy markers (kernel `metacopy=on` format).
+pub const METACOPY_XATTRS: &[&str] = &["trusted.overlay.metacopy", "user.overlay.metacopy"];
+
+/// Gives each metacopy file of `upper` the contents the mount showed for it (`merged`):
+/// the upper then compares with a full copy-up on everything but where the bytes are kept.
+pub fn fill_metacopy(upper: &mut Snapshot, merged: &Snapshot) {
+    for p in &upper.metacopy {
+        if let (Some(u), Some(m)) = (upper.entries.get_mut(p), merged.entries.get(p)) {
+            u.kind = m.kind.clone();
+        }
+    }
 }
 
 /// FNV-1a, 64 bit: enough to tell file contents apart in a test.
@@ -291,6 +307,16 @@ fn walk(root: &Path, rel: &str, view: View, snap: &mut Snapshot) -> io::Result<(
             }
         };
         let mut entry = read_entry(&path, &md, view, snap)?;
+        if view == View::Upper && matches!(entry.kind, Kind::File { .. }) {
+            let removed: Vec<bool> = METACOPY_XATTRS
+                .iter()
+                .map(|x| entry.xattrs.remove(*x).is_some())
+                .collect();
+            let marked = removed.contains(&true);
+            if marked {
+                snap.metacopy.insert(join(rel, &name_s));
+            }
+        }
         if view == View::Upper
             && beside.contains(name.as_slice())
             && let Kind::Dir { opaque } = &mut entry.kind
