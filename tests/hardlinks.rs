@@ -110,3 +110,43 @@ fn unlink_of_one_lower_link_keeps_the_other() {
     });
     guard.unmount().expect("unmount");
 }
+
+/// The copied-up name of a lower hard link unlinked while open (before its other name was
+/// looked up): the copy has no name left for the other one to be linked to, so the other
+/// name shows the lower file (as overlayfs without `index` does), listed and openable, as
+/// its own inode; the open fd keeps the copy with the write made through it.
+#[test]
+fn other_lower_link_after_the_open_copy_is_unlinked_shows_the_lower_file() {
+    if !unionmount_only() {
+        return;
+    }
+    let fx = Fixture::new(1);
+    fx.write(&fx.lowers[0], "a", b"lower data", 0o644);
+    fx.hardlink(&fx.lowers[0], "a", "b");
+    let guard = common::mount(&Driver::Unionmount, &fx, true, &[]).expect("mount");
+    common::within_mount(&fx, move |f| {
+        use std::os::unix::fs::FileExt;
+        let w = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(f.m("a"))
+            .unwrap();
+        w.write_all_at(b"UPPER", 0).unwrap();
+        fs::remove_file(f.m("a")).unwrap();
+        assert_eq!(common::list_dir(f.mnt.clone()), vec!["b".to_string()]);
+        assert_eq!(fs::read(f.m("b")).unwrap(), b"lower data");
+        let (mb, mw) = (
+            fs::symlink_metadata(f.m("b")).unwrap(),
+            w.metadata().unwrap(),
+        );
+        assert_ne!(mb.ino(), mw.ino(), "b is not the open copy");
+        let mut buf = [0u8; 10];
+        w.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"UPPER data");
+        // b can be deleted too, and the lower stays untouched.
+        fs::remove_file(f.m("b")).unwrap();
+        assert_eq!(common::list_dir(f.mnt.clone()), Vec::<String>::new());
+        assert_eq!(fs::read(f.l(0, "b")).unwrap(), b"lower data");
+    });
+    guard.unmount().expect("unmount");
+}

@@ -255,8 +255,13 @@ impl NodeTable {
         let mut existing = self.nodes.get(&ino).map(|n| n.clone());
         if let Some(n) = &existing
             && (n.kind != found.kind
-                || (found.kind != libc::S_IFREG && n.read().aliases.is_empty()))
+                || (n.read().aliases.is_empty()
+                    && (found.kind != libc::S_IFREG
+                        || (!upper_wins && n.read().layers.first() != found.layers.first()))))
         {
+            // (Also: an alias-less file copied up since, found again below by another name
+            // of the lower inode: its copy has no name left to link that name to, so the
+            // name shows the lower file, as a new node, like overlayfs without index.)
             // The number belongs to a node the kernel still holds for a deleted object
             // (its FORGET not yet here, or a removed directory still someone's cwd) whose
             // inode the upper filesystem has just reused for this new object: never hand
