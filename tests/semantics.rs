@@ -2708,3 +2708,81 @@ fn virtual_lowers_hook_is_in_effect_when_set() {
         }
     });
 }
+
+/// The state a crash leaves while the bytes of a metacopy are being copied into it: the
+/// marker still on, some bytes written, the times moved by the writing, and the record of
+/// the times taken before (`user.unionmount.filltimes`). The mount reads the lower bytes,
+/// and its lookup puts the recorded times back and drops the record; the next write
+/// copies the bytes in whole. (unionmount with `metacopy=on`; the kernel has no record.)
+#[test]
+fn metacopy_interrupted_by_a_crash_reads_below_and_gets_its_times_back() {
+    if !common::mount_allowed() || is_kernel() {
+        return;
+    }
+    let fx = Fixture::new(1);
+    fx.write(&fx.lowers[0], "f", b"lower bytes, all of them", 0o644);
+    fx.write(&fx.upper, "f", b"part", 0o600);
+    let up = fx.u("f");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&up)
+        .unwrap()
+        .set_len(24)
+        .unwrap();
+    set_xattr(&up, "trusted.overlay.metacopy", b"").unwrap();
+    let times: Vec<u8> = [1_500_000_000i64, 11, 1_400_000_000, 22]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    set_xattr(&up, "user.unionmount.filltimes", &times).unwrap();
+    common::set_times(&up, (1_700_000_000, 0), (1_700_000_000, 0)).unwrap();
+    run_opts(&fx, true, &["metacopy=on"], |fx| {
+        // The first lookup (lstat) already reports the times put back.
+        assert_eq!(mtime(&fx.m("f")), (1_400_000_000, 22));
+        assert_file(fx.m("f"), b"lower bytes, all of them");
+        assert_eq!(mode_of(fx.m("f")), 0o600);
+        assert_eq!(mtime(&fx.u("f")), (1_400_000_000, 22));
+        assert_errno(
+            get_xattr(&fx.u("f"), "user.unionmount.filltimes"),
+            libc::ENODATA,
+        );
+        assert!(get_xattr(&fx.u("f"), "trusted.overlay.metacopy").is_ok());
+        let mut f = OpenOptions::new().append(true).open(fx.m("f")).unwrap();
+        f.write_all(b"!").unwrap();
+        drop(f);
+        assert_file(fx.u("f"), b"lower bytes, all of them!");
+        assert_errno(
+            get_xattr(&fx.u("f"), "trusted.overlay.metacopy"),
+            libc::ENODATA,
+        );
+    });
+    assert_work_clean(&fx.work);
+}
+
+/// A metacopy opened read-only, then unlinked: the unlink brings its bytes up first, so
+/// the open fd keeps reading them, fstat shows the chmod, and an fchmod through the fd
+/// changes the (now nameless) upper copy, never the lower file.
+#[test]
+fn open_metacopy_unlinked_keeps_its_bytes_and_never_touches_the_lower() {
+    if !common::mount_allowed() || is_kernel() {
+        return;
+    }
+    let fx = Fixture::new(1);
+    fx.write(&fx.lowers[0], "f", b"lower bytes", 0o644);
+    run_opts(&fx, true, &["metacopy=on"], |fx| {
+        fs::set_permissions(fx.m("f"), fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(get_xattr(&fx.u("f"), "trusted.overlay.metacopy").is_ok());
+        let f = fs::File::open(fx.m("f")).unwrap();
+        fs::remove_file(fx.m("f")).unwrap();
+        assert_eq!(f.metadata().unwrap().permissions().mode() & 0o7777, 0o640);
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .unwrap();
+        assert_eq!(f.metadata().unwrap().permissions().mode() & 0o7777, 0o600);
+        let mut buf = [0u8; 11];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 0).unwrap();
+        assert_eq!(&buf, b"lower bytes");
+        assert_enoent(fx.m("f"));
+    });
+    assert_eq!(mode_of(fx.l(0, "f")), 0o644, "the lower file is untouched");
+    assert_work_clean(&fx.work);
+}

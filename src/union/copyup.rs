@@ -166,6 +166,12 @@ impl Union {
                 let st = ldir.stat(&lname)?;
                 let src = ldir.open(&lname, OFlag::O_RDONLY)?;
                 let ust = nix::sys::stat::fstat(&dst).map_err(nix_err)?;
+                // Writing the bytes moves the times until they are put back below: keep
+                // them beside the marker, for a lookup after a crash to put them back.
+                let times = encode_times(&ust);
+                if let Err(e) = sys::setxattr(XTarget::Fd(dst.as_fd()), FILL_TIMES, &times, 0) {
+                    log::debug!("metacopy: cannot record the times before the copy: {e}");
+                }
                 copy_data(src.as_fd(), dst.as_fd(), st.st_size as u64)?;
                 // Bringing the bytes up is not a change of the file: its times stay.
                 nix::sys::stat::futimens(
@@ -181,7 +187,10 @@ impl Union {
             } else {
                 nix::unistd::ftruncate(dst.as_fd(), 0).map_err(nix_err)?;
             }
-            for x in super::whiteout::METACOPY_XATTRS {
+            for x in super::whiteout::METACOPY_XATTRS
+                .into_iter()
+                .chain([FILL_TIMES])
+            {
                 match sys::removexattr(XTarget::Fd(dst.as_fd()), x) {
                     Ok(()) => {}
                     Err(e)
@@ -353,6 +362,52 @@ impl Union {
         .map_err(nix_err)?;
         Ok(data)
     }
+}
+
+/// The times of a metacopy whose bytes are being copied in (atime and mtime, seconds and
+/// nanoseconds, 4 × i64 little-endian): written before the first byte, removed after the
+/// marker. Found on a metacopy, it means a crash interrupted the copy: the times are put
+/// back from it (`restore_fill_times`).
+pub const FILL_TIMES: &[u8] = b"user.unionmount.filltimes";
+
+fn encode_times(st: &FileStat) -> Vec<u8> {
+    [st.st_atime, st.st_atime_nsec, st.st_mtime, st.st_mtime_nsec]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
+}
+
+/// After a crash during the copy of a metacopy's bytes (see `FILL_TIMES`): puts its times
+/// back and drops the record. `dir`/`name` is the metacopy in the upper. Returns whether
+/// there was a record.
+pub fn restore_fill_times(dir: &LDir, name: &OsStr) -> io::Result<bool> {
+    let Some(v) = dir.getxattr(Some(name), FILL_TIMES).or_else(|e| {
+        if matches!(e.raw_os_error(), Some(libc::ENOTSUP | libc::EPERM)) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    })?
+    else {
+        return Ok(false);
+    };
+    if v.len() == 32 {
+        let n = |i: usize| i64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+        nix::sys::stat::utimensat(
+            dir.fd()?,
+            name,
+            &TimeSpec::new(n(0), n(1)),
+            &TimeSpec::new(n(2), n(3)),
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(nix_err)?;
+    }
+    log::info!(
+        "{}: copy of its bytes was interrupted; times restored",
+        super::show(name)
+    );
+    sys::removexattr(XTarget::At(dir.fd()?, name), FILL_TIMES)?;
+    Ok(true)
 }
 
 /// Is this xattr one of the overlay's own (never copied, never shown)? Escaped user names

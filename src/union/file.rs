@@ -354,8 +354,14 @@ impl Union {
     /// Gives every handle of `node` its fd back for good: a name of the node is about to
     /// go, and a file without a name cannot be re-opened. Costs a scan of the open
     /// handles only when fds are being closed or may soon be (half the cap in use).
+    ///
+    /// A metacopy with open handles gets its bytes first, and every handle moves to the
+    /// upper file: once the name is gone nothing can copy them up, and the handles must
+    /// keep seeing (and writing, and fstat-ing) the file that was changed.
     pub(crate) fn pin_handles(&self, node: NodeId) -> io::Result<()> {
-        if self.handle_fds.closed.load(Ordering::Acquire) == 0
+        let metacopy = self.nodes.get(node).is_ok_and(|n| n.is_metacopy());
+        if !metacopy
+            && self.handle_fds.closed.load(Ordering::Acquire) == 0
             && self.handles.len() < handle_fd_cap() / 2
         {
             return Ok(());
@@ -366,12 +372,14 @@ impl Union {
             .filter(|h| h.node.id == node)
             .map(|h| h.clone())
             .collect();
+        if metacopy && let Some(h) = hs.first() {
+            self.copy_up(&h.node, Data::All)?;
+        }
         for h in hs {
             h.pinned.store(true, Ordering::Release);
-            if !h.is_upper() && writable(h.flags) {
-                // A writable handle of a metacopy: once the name is gone nothing can copy
-                // the bytes up, and its writes must reach the file it opened.
-                self.file_to_write(&h)?;
+            if metacopy {
+                // current_file moves it to the upper file now, while the name is there.
+                self.current_file(&h)?;
             } else if self.handle_fds.closed.load(Ordering::Acquire) > 0 {
                 self.file_of(&h)?;
             }

@@ -381,7 +381,7 @@ impl Union {
             } else {
                 None
             };
-            if let Some(st) = entry {
+            if let Some(mut st) = entry {
                 if self.entry_is_whiteout(dfd, li, name, &st)? {
                     break;
                 }
@@ -393,6 +393,10 @@ impl Union {
                             && crate::layer::file_type(&st) == libc::S_IFREG
                             && st.st_size > 0
                             && whiteout::is_metacopy(dfd, name)?;
+                        if metacopy && copyup::restore_fill_times(dfd, name)? {
+                            // The times just put back are what the kernel must be told.
+                            st = dfd.stat(name)?;
+                        }
                         found = Some((
                             Found {
                                 kind: crate::layer::file_type(&st),

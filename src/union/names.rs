@@ -623,12 +623,15 @@ impl Union {
                 // a local filesystem (the writeback cache flushes times with SETATTR on
                 // fsync; without atomic_o_trunc, open(O_TRUNC) truncates with a SETATTR that
                 // has no handle, after the open, so a writable one of its handles must do).
+                // Only ever an upper file: a handle reading a lower file must not let a
+                // metadata change through to the lower file.
                 let file = fh
                     .and_then(|f| self.handle_file(f).ok())
+                    .filter(|(_, upper)| *upper)
                     .map(|(f, _)| f)
                     .or_else(|| match size {
                         Some(_) => self.writable_file_of(&node),
-                        None => self.open_file_of(&node),
+                        None => self.open_file_where(&node, |h| h.is_upper()),
                     })
                     .ok_or(e)?;
                 return self.setattr_unlinked(&node, &file, mode, uid, gid, size, atime, mtime);
