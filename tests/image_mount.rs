@@ -1208,8 +1208,9 @@ fn a_source_is_mounted_in_place() {
     second.unmount().unwrap();
 }
 
-/// A legacy docker-archive names no digest for its compressed layers: the first mount hashes
-/// them in place and remembers the result by the member's place and the archive's identity;
+/// A legacy docker-archive names no digest for its compressed layers: the first mount learns
+/// them from its indexing pass (one read of each layer) and remembers them by the member's
+/// place and the archive's identity;
 /// a second mount finds the same indexes and shows the same tree. Rewriting the archive
 /// (new identity) makes the digests be computed again, never reused blindly.
 #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::indexlayer::{BlobAt, IndexLayer};
 use super::layerindex::{AtCursor, FileRange, IndexError, LayerIndex};
 use super::progress::{Progress, short};
-use super::tarindex::{LayerSource, Limits, index_layer};
+use super::tarindex::{LayerSource, Limits, index_layer, index_unnamed_layer};
 use super::{Compression, Digest, Store};
 use crate::image::{self, ImageSource, Platform};
 use crate::layer::Layer;
@@ -48,29 +48,122 @@ pub fn image_layers(
     } else {
         store.resolve(spec, platform).map_err(|e| e.to_string())?
     };
-    let mut out = Vec::with_capacity(img.layers.len());
+    // What each layer needs: its cached index, or an indexing pass. The passes run in
+    // parallel (one per core): a first mount waits for the largest layer, not for all.
+    enum Plan<'a> {
+        Ready(Box<MountLayer>, bool),
+        Index {
+            blob: BlobAt,
+            layer: StoredLayer,
+            /// A compressed member of a legacy docker-archive that nothing names: its
+            /// digest is learnt by the pass, then remembered (`known_member_digest`).
+            unnamed: Option<&'a image::BlobRef>,
+        },
+    }
+    let at_member =
+        |l: &image::BlobRef, e: String| format!("{}: layer {}: {e}", img.source, l.path.display());
+    let mut plans = Vec::with_capacity(img.layers.len());
     for l in &img.layers {
-        // A plain layer's digest is its DiffID; a compressed layer of a legacy docker-archive
-        // has no digest until hashed: import that image instead (copying hashes it).
-        let digest = match (l.digest, l.compression) {
-            (Some(d), _) => d,
-            (None, Compression::None) => l.diff_id,
-            // A compressed layer of a legacy docker-archive: nothing names its digest (the
-            // DiffID, checked by indexing, is what vouches for it), so it is hashed here.
-            (None, _) => member_digest(store, &l.source)
-                .map_err(|e| format!("{}: layer {}: {e}", img.source, l.source.path.display()))?,
-        };
-        let layer = stored(digest, l.diff_id, l.compression, l.size);
         let blob = BlobAt {
             path: l.source.path.clone(),
             offset: l.source.offset,
             len: l.source.len,
         };
-        let (index, fresh) = match cached_index(store, &layer) {
-            Some(ix) => (ix, false),
-            None => (index_range(&blob, &layer)?, true),
+        // A plain layer's digest is its DiffID. A compressed layer of a legacy
+        // docker-archive has none (the DiffID, checked by indexing, is what vouches for
+        // it): a second mount finds it remembered, the first learns it from its pass.
+        let digest = match (l.digest, l.compression) {
+            (Some(d), _) => d,
+            (None, Compression::None) => l.diff_id,
+            (None, _) => match known_member_digest(store, &l.source)
+                .map_err(|e| at_member(&l.source, e.to_string()))?
+            {
+                Some(d) => d,
+                None => {
+                    plans.push(Plan::Index {
+                        blob,
+                        layer: stored(l.diff_id, l.diff_id, l.compression, l.size),
+                        unnamed: Some(&l.source),
+                    });
+                    continue;
+                }
+            },
         };
-        out.push((MountLayer { layer, blob, index }, fresh));
+        let layer = stored(digest, l.diff_id, l.compression, l.size);
+        plans.push(match cached_index(store, &layer) {
+            Some(index) => Plan::Ready(Box::new(MountLayer { layer, blob, index }), false),
+            None => Plan::Index {
+                blob,
+                layer,
+                unnamed: None,
+            },
+        });
+    }
+    let jobs: Vec<usize> = (0..plans.len())
+        .filter(|&i| matches!(plans[i], Plan::Index { .. }))
+        .collect();
+    let results: Vec<std::sync::Mutex<Option<Result<LayerIndex, String>>>> =
+        jobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(jobs.len());
+    std::thread::scope(|sc| {
+        for _ in 0..workers {
+            sc.spawn(|| {
+                loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&i) = jobs.get(k) else { break };
+                    if let Plan::Index {
+                        blob,
+                        layer,
+                        unnamed,
+                    } = &plans[i]
+                    {
+                        let r = index_range(blob, layer, unnamed.is_none());
+                        *results[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                    }
+                }
+            });
+        }
+    });
+    let mut results = results
+        .into_iter()
+        .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()));
+    let mut out = Vec::with_capacity(plans.len());
+    for plan in plans {
+        match plan {
+            Plan::Ready(m, fresh) => out.push((*m, fresh)),
+            Plan::Index {
+                blob,
+                layer,
+                unnamed,
+            } => {
+                let index = results
+                    .next()
+                    .flatten()
+                    .unwrap_or_else(|| Err("indexing did not run".into()));
+                match unnamed {
+                    None => out.push((
+                        MountLayer {
+                            layer,
+                            blob,
+                            index: index?,
+                        },
+                        true,
+                    )),
+                    Some(src) => {
+                        let index = index.map_err(|e| at_member(src, e))?;
+                        remember_member_digest(store, src, &index.layer)
+                            .map_err(|e| at_member(src, e.to_string()))?;
+                        let layer =
+                            stored(index.layer, layer.diff_id, layer.compression, layer.size);
+                        let fresh = cached_index(store, &layer).is_none();
+                        out.push((MountLayer { layer, blob, index }, fresh));
+                    }
+                }
+            }
+        }
     }
     for (m, fresh) in &out {
         if *fresh {
@@ -87,7 +180,27 @@ pub fn image_layers(
 /// mount of the same archive does not read the layer again. Safe to trust: a stale answer
 /// only picks the wrong cached index, and every file's bytes are still checked against its
 /// own sha256 before they are served.
-fn member_digest(store: &Store, b: &image::BlobRef) -> std::io::Result<Digest> {
+fn known_member_digest(store: &Store, b: &image::BlobRef) -> std::io::Result<Option<Digest>> {
+    let path = member_record(store, b)?;
+    Ok(std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| t.trim().parse::<Digest>().ok()))
+}
+
+/// Records what `known_member_digest` answers for this member from now on.
+fn remember_member_digest(store: &Store, b: &image::BlobRef, d: &Digest) -> std::io::Result<()> {
+    let path = member_record(store, b)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let (tmp, mut f) = store.new_tmp()?;
+    std::io::Write::write_all(&mut f, d.to_string().as_bytes())?;
+    drop(f);
+    store.publish_tmp(&tmp, &path)
+}
+
+/// Where the digest of an archive member is remembered (see `known_member_digest`).
+fn member_record(store: &Store, b: &image::BlobRef) -> std::io::Result<std::path::PathBuf> {
     use sha2::{Digest as _, Sha256};
     use std::os::unix::fs::MetadataExt;
     let md = std::fs::metadata(&b.path)?;
@@ -103,22 +216,7 @@ fn member_digest(store: &Store, b: &image::BlobRef) -> std::io::Result<Digest> {
         md.mtime_nsec()
     );
     let name = Digest::from_bytes(Sha256::digest(key.as_bytes()).into()).hex();
-    let path = store.root().join("index/by-member").join(name);
-    if let Some(d) = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|t| t.trim().parse::<Digest>().ok())
-    {
-        return Ok(d);
-    }
-    let d = image::blob::sha256_of_reader(b.open()?)?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let (tmp, mut f) = store.new_tmp()?;
-    std::io::Write::write_all(&mut f, d.to_string().as_bytes())?;
-    drop(f);
-    store.publish_tmp(&tmp, &path)?;
-    Ok(d)
+    Ok(store.root().join("index/by-member").join(name))
 }
 
 /// Imports `img` into the store as `name` (default: its tag, else its manifest digest),
@@ -139,7 +237,7 @@ pub fn import_and_index(
                     offset: 0,
                     len: l.size,
                 };
-                fresh.push(index_range(&at, &sl).map_err(std::io::Error::other)?);
+                fresh.push(index_range(&at, &sl, true).map_err(std::io::Error::other)?);
             }
             Ok(())
         })
@@ -182,7 +280,7 @@ fn cached_index(store: &Store, layer: &StoredLayer) -> Option<LayerIndex> {
 
 /// Indexes the layer blob at `at`: one sequential pass that also checks the layer digest
 /// and the DiffID, with a progress line on a terminal.
-fn index_range(at: &BlobAt, layer: &StoredLayer) -> Result<LayerIndex, String> {
+fn index_range(at: &BlobAt, layer: &StoredLayer, named: bool) -> Result<LayerIndex, String> {
     let file = std::fs::File::open(&at.path)
         .map_err(|e| format!("layer {}: blob {}: {e}", layer.digest, at.path.display()))?;
     let range = FileRange {
@@ -197,12 +295,13 @@ fn index_range(at: &BlobAt, layer: &StoredLayer) -> Result<LayerIndex, String> {
         size: layer.size,
     };
     let mut bar = Progress::new(format!("indexing layer {}", short(&layer.digest)));
-    let ix = index_layer(
-        std::io::BufReader::with_capacity(1 << 20, AtCursor::new(&range, 0)),
-        &src,
-        &Limits::default(),
-        &mut |done, total| bar.show(done, total),
-    )
+    let reader = std::io::BufReader::with_capacity(1 << 20, AtCursor::new(&range, 0));
+    let progress = &mut |done, total| bar.show(done, total);
+    let ix = if named {
+        index_layer(reader, &src, &Limits::default(), progress)
+    } else {
+        index_unnamed_layer(reader, &src, &Limits::default(), progress)
+    }
     .map_err(|e: IndexError| e.to_string())?;
     bar.done();
     Ok(ix)

@@ -85,6 +85,28 @@ pub fn index_layer<R: Read>(
     limits: &Limits,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<LayerIndex, IndexError> {
+    index_blob(blob, src, limits, progress, true)
+}
+
+/// `index_layer` for a blob that nothing names (a compressed layer of a legacy
+/// docker-archive): its digest is learnt from the same pass, and the DiffID (checked as
+/// always) is what vouches for it. `src.layer` only names the layer in errors.
+pub fn index_unnamed_layer<R: Read>(
+    blob: R,
+    src: &LayerSource,
+    limits: &Limits,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<LayerIndex, IndexError> {
+    index_blob(blob, src, limits, progress, false)
+}
+
+fn index_blob<R: Read>(
+    blob: R,
+    src: &LayerSource,
+    limits: &Limits,
+    progress: &mut dyn FnMut(u64, u64),
+    named: bool,
+) -> Result<LayerIndex, IndexError> {
     let layer = &src.layer;
     // The blob's own digest is computed on a second thread: for a plain layer that is the
     // whole stream, hashed while this thread parses and hashes each file.
@@ -106,7 +128,7 @@ pub fn index_layer<R: Read>(
     if let Err(e) = drained {
         return Err(IndexError::io(layer, "reading the blob", &e));
     }
-    if blob_digest != *layer {
+    if named && blob_digest != *layer {
         return Err(IndexError::new(
             ErrorKind::LayerDigest,
             layer,
@@ -128,6 +150,16 @@ pub fn index_layer<R: Read>(
             ),
         ));
     }
+    let learnt;
+    let src = if named {
+        src
+    } else {
+        learnt = LayerSource {
+            layer: blob_digest,
+            ..src.clone()
+        };
+        &learnt
+    };
     Ok(builder.finish(src, raw.n, tar_size, checkpoints))
 }
 
