@@ -31,9 +31,11 @@
 //!   every later mount of that upper/work until it is removed; unionmount (like
 //!   fuse-overlayfs, which podman pairs with its own volatile bookkeeping) leaves no marker
 //!   and mounts the upper again, but refuses a workdir the kernel marked.
-//! - A copy-up is fdatasynced before its rename (as the kernel does): without that, a chmod
-//!   plus any later fsync on the upper fs and a crash left a zero-filled upper copy hiding
-//!   the intact lower file.
+//! - A copy-up's data is written out and waited for (sync_file_range) before its rename,
+//!   where the kernel fsyncs the copy: without that, a chmod plus any later fsync on the
+//!   upper fs and a crash left a zero-filled upper copy hiding the intact lower file. The
+//!   barrier orders the rename after the data's allocation in the journal; no per-copy-up
+//!   journal commit is needed for that.
 //! - The first fdatasync after a copy-up is a full fsync in unionmount, so the copy-up's
 //!   rename is committed with the data. Kernel overlayfs can lose that rename (the file's
 //!   fdatasynced bytes vanish behind the lower file); the kernel runs accept that outcome.
@@ -469,6 +471,57 @@ fn copy_up_without_fsync_never_hides_lower_data_after_a_crash() {
                 data.len()
             );
         }
+    }
+}
+
+/// The same with metacopy: a chmod copies `f` up without its bytes, and an append (not
+/// synced) copies the bytes into that upper file before it removes the marker. After
+/// another program's fsync commits the journal, a crash image holds either the metacopy
+/// (marker still on: the bytes are read below) or the upper file with the lower bytes in
+/// full: never the marker gone without the bytes.
+#[test]
+fn metacopy_bytes_copy_never_drops_the_marker_before_the_bytes() {
+    if !mount_allowed() || is_kernel() {
+        return;
+    }
+    let disk = Disk::new("dur-metacopy");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    fs::write(disk.lower.join("f"), &data).unwrap();
+    let _m = disk.mount(&["metacopy=on"]);
+    disk.flush();
+    let mnt = disk.mnt.clone();
+    with_timeout(STEP, move || {
+        fs::set_permissions(mnt.join("f"), fs::Permissions::from_mode(0o600)).unwrap();
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(mnt.join("f"))
+            .unwrap();
+        f.write_all(b"tail").unwrap();
+    });
+    write_and(
+        &disk.mnt,
+        "other",
+        b"other
+",
+        fs::File::sync_all,
+    );
+    let img = disk.crash_image();
+    assert_eq!(
+        img.read("upper/other").as_deref(),
+        Some(
+            &b"other
+"[..]
+        )
+    );
+    let marker = get_xattr(&img.at.join("upper/f"), "trusted.overlay.metacopy").is_ok();
+    if let Some(v) = img.read("upper/f")
+        && !marker
+    {
+        assert!(
+            v.len() >= data.len() && v[..data.len()] == data[..],
+            "after a crash upper/f has no metacopy marker but not the lower bytes ({} bytes)",
+            v.len()
+        );
     }
 }
 

@@ -182,7 +182,7 @@ impl Union {
                 .map_err(nix_err)?;
                 // The bytes reach the disk before the marker leaves it (see build_copy).
                 if self.behaviour.fsync {
-                    nix::unistd::fdatasync(dst.as_fd()).map_err(nix_err)?;
+                    sys::write_out(dst.as_fd(), !self.upper_orders_data)?;
                 }
             } else {
                 nix::unistd::ftruncate(dst.as_fd(), 0).map_err(nix_err)?;
@@ -317,11 +317,11 @@ impl Union {
                     copy_data(src.as_fd(), dst.as_fd(), st.st_size as u64)?;
                     // The bytes reach the disk before the rename can: otherwise a crash
                     // after the rename commits (any fsync on the upper fs commits it) leaves
-                    // an upper copy without data that hides the intact lower file, even when
-                    // the user only changed metadata. Kernel overlayfs does the same;
-                    // `fsync=0`/`volatile` skip it.
+                    // an upper copy without data that hides the intact lower file. An
+                    // ordering barrier is enough for that (no journal commit per copy-up,
+                    // where kernel overlayfs fsyncs each one); `fsync=0`/`volatile` skip it.
                     if self.behaviour.fsync {
-                        nix::unistd::fdatasync(dst.as_fd()).map_err(nix_err)?;
+                        sys::write_out(dst.as_fd(), !self.upper_orders_data)?;
                     }
                 }
             }

@@ -130,6 +130,9 @@ pub struct Union {
     pub writeback: bool,
     /// Warms lower directories ahead of a walker; None when disabled.
     pub prefetch: Option<prefetch::Prefetcher>,
+    /// The upper's filesystem writes a file's data before committing what allocated it
+    /// (`sys::orders_data_before_metadata`): copy-up's write-out need not wait.
+    pub(crate) upper_orders_data: bool,
 }
 
 /// What the upper holds at a name.
@@ -204,6 +207,18 @@ impl Union {
             .root_stat()
             .map_err(|e| format!("{}: {e}", layers[0].path.display()))?;
         let root_layers = (0..layers.len()).collect();
+        let layers0_dev = layers[0].dev;
+        let upper_orders_data = has_upper && crate::sys::orders_data_before_metadata(layers0_dev);
+        if has_upper {
+            log::info!(
+                "copy-up write-out barrier: {}",
+                if upper_orders_data {
+                    "submit (the upper is ext4 with ordered data)"
+                } else {
+                    "submit and wait"
+                }
+            );
+        }
         let metacopy = has_upper
             && opts
                 .metacopy
@@ -245,6 +260,7 @@ impl Union {
             index_min_lowers: index_min_lowers(),
             writeback: false,
             prefetch: prefetcher(),
+            upper_orders_data,
         })
     }
 
