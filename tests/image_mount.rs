@@ -617,6 +617,20 @@ fn run_image_mount(spec: &str, store: &Path, extra: &[&str], mnt: &Path) -> Outp
     run_prog_within(120, unionmount_bin(), args)
 }
 
+/// The test image as an OCI layout in the fixture, imported into a store there (tagged
+/// `TAG`): the image, the store's path and the store.
+fn imported_test_image(fx: &Fixture) -> (Image, PathBuf, Store) {
+    let img = test_image();
+    let layout_dir = fx.dir.join("layout");
+    write_oci(&img, &layout_dir);
+    let store = fx.dir.join("store");
+    let spec = format!("oci:{}:{TAG}", layout_dir.display());
+    let st = Store::open_or_create(&store).unwrap();
+    st.import(&ImageSource::parse(&spec).unwrap(), None)
+        .unwrap();
+    (img, store, st)
+}
+
 /// Mounts image `spec` on `mnt`; the guard unmounts it on every path.
 fn mount_image(spec: &str, store: &Path, extra: &[&str], mnt: &Path) -> MountGuard {
     fs::create_dir_all(mnt).unwrap();
@@ -970,14 +984,7 @@ fn image_metadata_changes_and_o_trunc_fetch_no_data() {
     }
     for opts in [&[][..], &["-o", "passthrough=off"][..]] {
         let fx = Fixture::new(0);
-        let img = test_image();
-        let layout_dir = fx.dir.join("layout");
-        write_oci(&img, &layout_dir);
-        let store = fx.dir.join("store");
-        let spec = format!("oci:{}:{TAG}", layout_dir.display());
-        let st = Store::open_or_create(&store).unwrap();
-        st.import(&ImageSource::parse(&spec).unwrap(), None)
-            .unwrap();
+        let (_, store, st) = imported_test_image(&fx);
         let fetched = |data: &[u8]| st.object_path(&sha256_of(data)).exists();
         let (upper, work) = (fx.upper.clone(), fx.work.clone());
         let mut args = vec![
@@ -1100,15 +1107,7 @@ fn second_mount_reads_no_layer_data() {
         return;
     }
     let fx = Fixture::new(0);
-    let img = test_image();
-    let layout_dir = fx.dir.join("layout");
-    write_oci(&img, &layout_dir);
-    let store = fx.dir.join("store");
-    let spec = format!("oci:{}:{TAG}", layout_dir.display());
-    Store::open_or_create(&store)
-        .unwrap()
-        .import(&ImageSource::parse(&spec).unwrap(), None)
-        .unwrap();
+    let (img, store, _) = imported_test_image(&fx);
 
     let first = mount_image(TAG, &store, &[], &fx.mnt);
     assert_eq!(read_within(&fx.m("etc/hosts")).unwrap(), HOSTS_MID);
@@ -1297,15 +1296,8 @@ fn corrupted_blob_bytes_are_never_served() {
         return;
     }
     let fx = Fixture::new(0);
-    let img = test_image();
-    let layout_dir = fx.dir.join("layout");
-    write_oci(&img, &layout_dir);
-    let store = fx.dir.join("store");
-    let spec = format!("oci:{}:{TAG}", layout_dir.display());
     // Imported, then mounted by name: the daemon reads the blob in the store.
-    let st = Store::open_or_create(&store).unwrap();
-    st.import(&ImageSource::parse(&spec).unwrap(), None)
-        .unwrap();
+    let (img, store, st) = imported_test_image(&fx);
 
     let first = mount_image(TAG, &store, &[], &fx.mnt);
     assert!(lstat(fx.m("app/etc/app.conf")).unwrap().is_file());

@@ -196,7 +196,7 @@ impl Union {
         if w && !self.is_upper(li) {
             // A writable handle of a metacopy: its lower file is opened by the first read
             // (for an image layer, opening fetches the bytes; an O_TRUNC open never reads).
-            return Ok(self.add_handle_without_fd(node, flags));
+            return Ok(self.insert_handle(node, None, false, flags));
         }
         let fd = self.open_real(&node, li, self.flags_in(li, flags))?;
         Ok(self.add_handle(node, fd, li, flags))
@@ -217,24 +217,6 @@ impl Union {
         let f = self.handle(fh).and_then(|h| self.current_file(&h));
         self.release(fh);
         f?.try_clone()
-    }
-
-    /// Registers a handle whose fd `file_of` opens on first use.
-    fn add_handle_without_fd(&self, node: Arc<Node>, flags: i32) -> u64 {
-        let fh = self.new_fh();
-        self.handles.insert(
-            fh,
-            Arc::new(Handle {
-                node,
-                fh,
-                file: RwLock::new(None),
-                upper: AtomicBool::new(false),
-                pinned: AtomicBool::new(false),
-                flags,
-            }),
-        );
-        self.handle_fds.closed.fetch_add(1, Ordering::AcqRel);
-        fh
     }
 
     /// Open flags for the object in layer `li`: a lower file is only ever opened for
@@ -262,19 +244,30 @@ impl Union {
 
     /// Registers an open fd as a handle.
     pub(crate) fn add_handle(&self, node: Arc<Node>, fd: OwnedFd, li: usize, flags: i32) -> u64 {
+        self.insert_handle(node, Some(fd), self.is_upper(li), flags)
+    }
+
+    /// Registers a handle; one without an fd (counted as closed) gets it from `file_of` on
+    /// first use.
+    fn insert_handle(&self, node: Arc<Node>, fd: Option<OwnedFd>, upper: bool, flags: i32) -> u64 {
         let fh = self.new_fh();
+        let has_fd = fd.is_some();
         self.handles.insert(
             fh,
             Arc::new(Handle {
                 node,
                 fh,
-                file: RwLock::new(Some(Arc::new(File::from(fd)))),
-                upper: AtomicBool::new(self.is_upper(li)),
+                file: RwLock::new(fd.map(|fd| Arc::new(File::from(fd)))),
+                upper: AtomicBool::new(upper),
                 pinned: AtomicBool::new(false),
                 flags,
             }),
         );
-        self.track_fd(fh);
+        if has_fd {
+            self.track_fd(fh);
+        } else {
+            self.handle_fds.closed.fetch_add(1, Ordering::AcqRel);
+        }
         fh
     }
 
