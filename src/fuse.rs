@@ -48,6 +48,11 @@ pub struct UnionFs {
     fh_cached: DashMap<u64, u64>,
     /// The kernel sends no OPENDIR/RELEASEDIR (FUSE_NO_OPENDIR_SUPPORT granted).
     no_opendir: AtomicBool,
+    /// The kernel sends no OPEN/RELEASE for files (FUSE_NO_OPEN_SUPPORT, granted on a mount
+    /// without an upper only): reads come with handle 0 and are served through one handle
+    /// per inode (`node_fh`), released when the kernel forgets the inode.
+    no_open: AtomicBool,
+    node_fh: DashMap<u64, u64>,
     /// Set once the session exists: how the daemon tells the kernel to drop cached names.
     pub notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
@@ -114,6 +119,8 @@ impl UnionFs {
             fh_backing: DashMap::new(),
             fh_cached: DashMap::new(),
             no_opendir: AtomicBool::new(false),
+            no_open: AtomicBool::new(false),
+            node_fh: DashMap::new(),
             notifier: Arc::new(std::sync::OnceLock::new()),
         }
     }
@@ -253,6 +260,26 @@ impl UnionFs {
             self.union.dir_stream_done(ino);
         }
         Ok(entries)
+    }
+
+    /// The handle a request on file `ino` is served through: its own, or with `no_open`
+    /// (handle 0) the inode's, opened read-only on first use.
+    fn fh_of(&self, ino: u64, fh: u64) -> io::Result<u64> {
+        if fh != 0 || !self.no_open.load(Ordering::Relaxed) {
+            return Ok(fh);
+        }
+        if let Some(h) = self.node_fh.get(&ino) {
+            return Ok(*h);
+        }
+        let new = self.union.open(ino, libc::O_RDONLY)?;
+        match self.node_fh.entry(ino) {
+            dashmap::Entry::Occupied(e) => {
+                // Another request opened it first.
+                self.union.release(new);
+                Ok(*e.get())
+            }
+            dashmap::Entry::Vacant(e) => Ok(*e.insert(new)),
+        }
     }
 
     /// Open flags for an open served by the daemon: keep the page cache across opens for
@@ -406,6 +433,19 @@ impl Filesystem for UnionFs {
             self.no_opendir.store(true, Ordering::Relaxed);
             log::info!("capability no_opendir: on");
         }
+        // A mount without an upper never writes: no OPEN/RELEASE round trips per file open
+        // (they bounded reading many small files), the page cache kept across opens (files
+        // cannot change), reads served by inode. Passthrough needs OPEN, so it is not used
+        // on such a mount then.
+        if !self.union.has_upper
+            && std::env::var_os("UNIONMOUNT_NO_OPEN").is_none_or(|v| v != "0")
+            && config
+                .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
+                .is_ok()
+        {
+            self.no_open.store(true, Ordering::Relaxed);
+            log::info!("capability no_open: on (read-only mount)");
+        }
         match config.set_max_write(self.max_write) {
             Ok(_) => log::info!("max_write {}", self.max_write),
             Err(n) => log::info!("max_write limited to {n}"),
@@ -427,6 +467,12 @@ impl Filesystem for UnionFs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.union.nodes.forget(ino.0, nlookup);
+        if self.no_open.load(Ordering::Relaxed)
+            && self.union.nodes.get(ino.0).is_err()
+            && let Some((_, fh)) = self.node_fh.remove(&ino.0)
+        {
+            self.union.release(fh);
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -595,6 +641,11 @@ impl Filesystem for UnionFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_open.load(Ordering::Relaxed) {
+            // "Never send OPEN again": this open and all later ones succeed in the kernel
+            // (which checked the permissions), with the page cache kept.
+            return reply.error(Errno::ENOSYS);
+        }
         let fh = match self.union.open(ino.0, flags.0) {
             Ok(fh) => fh,
             Err(e) => return reply.error(errno(e)),
@@ -611,7 +662,7 @@ impl Filesystem for UnionFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -624,14 +675,15 @@ impl Filesystem for UnionFs {
         thread_local! {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        let fh = match self.fh_of(ino.0, fh.0) {
+            Ok(fh) => fh,
+            Err(e) => return reply.error(errno(e)),
+        };
         BUF.with_borrow_mut(|buf| {
             if buf.len() < size as usize {
                 buf.resize(size as usize, 0);
             }
-            match self
-                .union
-                .read_into(fh.0, offset, &mut buf[..size as usize])
-            {
+            match self.union.read_into(fh, offset, &mut buf[..size as usize]) {
                 Ok(n) => reply.data(&buf[..n]),
                 Err(e) => reply.error(errno(e)),
             }
@@ -664,7 +716,11 @@ impl Filesystem for UnionFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to do at close (no POSIX locks of our own, writes are flushed by the
+        // kernel before it would send this): ENOSYS makes the kernel stop sending FLUSH
+        // for the whole mount. Opens marked FOPEN_NOFLUSH never send it; opens without a
+        // round trip (`no_open`) would, once per close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -916,7 +972,7 @@ impl Filesystem for UnionFs {
     fn lseek(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
@@ -931,7 +987,10 @@ impl Filesystem for UnionFs {
             // has no writes to cache: its answers stay exact.)
             return reply.error(Errno::ENOSYS);
         }
-        match self.union.lseek(fh.0, offset, whence) {
+        match self
+            .fh_of(ino.0, fh.0)
+            .and_then(|fh| self.union.lseek(fh, offset, whence))
+        {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(errno(e)),
         }

@@ -276,29 +276,65 @@ fn upper_files_pass_through_on_a_writable_mount() {
     assert_eq!(log_count(&log, "(upper file): served by the daemon"), 0);
 }
 
+/// A mount without an upper: by default the kernel opens files without a round trip
+/// (`no_open`): reads come without a handle and are served by inode, the page cache stays
+/// across opens, and a second read of the file sends no request at all. With
+/// `UNIONMOUNT_NO_OPEN=0` the daemon answers OPEN and lower files pass through instead.
 #[test]
-fn lower_files_pass_through_on_a_mount_without_upper() {
+fn lower_files_on_a_mount_without_upper_need_no_open_or_pass_through() {
     if !applies() {
         return;
     }
-    let fx = Fixture::new(2);
-    let data: Vec<u8> = (0..(1 << 20)).map(|i| (i % 13) as u8).collect();
-    fx.write(&fx.lowers[1], "f", &data, 0o644);
-    let (guard, log) = mount_logged_rw(&fx, false, &[]);
-    common::within_mount(&fx, move |f| {
-        assert_eq!(fs::read(f.m("f")).unwrap(), data);
-        common::assert_errno(
-            fs::OpenOptions::new().write(true).open(f.m("f")),
-            libc::EROFS,
-        );
-    });
-    guard.unmount().expect("unmount");
-    assert!(
-        log_says(&log, "(lower file): passthrough"),
-        "{}",
-        fs::read_to_string(&log).unwrap_or_default()
-    );
-    assert_eq!(log_count(&log, "served by the daemon"), 0);
+    for no_open in [true, false] {
+        let fx = Fixture::new(2);
+        let data: Vec<u8> = (0..(1 << 20)).map(|i| (i % 13) as u8).collect();
+        fx.write(&fx.lowers[1], "f", &data, 0o644);
+        let (log_s, log) = log_opt(&fx);
+        let guard = common::mount_paths_env(
+            &Driver::Unionmount,
+            &fx.lowers,
+            None,
+            None,
+            &fx.mnt,
+            &[],
+            &[
+                ("UNIONMOUNT_LOG_FILE", log_s.as_str()),
+                ("RUST_LOG", "info,unionmount::fuse=debug,fuser=debug"),
+                ("UNIONMOUNT_NO_OPEN", if no_open { "1" } else { "0" }),
+            ],
+        )
+        .expect("mount");
+        let log2 = log.clone();
+        let reads = common::within_mount(&fx, move |f| {
+            assert_eq!(fs::read(f.m("f")).unwrap(), data);
+            let first = log_count(&log2, " READ ");
+            assert_eq!(fs::read(f.m("f")).unwrap(), data);
+            common::assert_errno(
+                fs::OpenOptions::new().write(true).open(f.m("f")),
+                libc::EROFS,
+            );
+            (first, log_count(&log2, " READ "))
+        });
+        guard.unmount().expect("unmount");
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        if no_open {
+            assert!(log_says(&log, "capability no_open: on"), "{text}");
+            assert_eq!(
+                log_count(&log, " OPEN "),
+                1,
+                "one OPEN (answered ENOSYS): {text}"
+            );
+            assert!(reads.0 > 0, "the first read is served by READ requests");
+            assert_eq!(
+                reads.0, reads.1,
+                "the second read is served from the page cache"
+            );
+        } else {
+            assert!(!log_says(&log, "capability no_open: on"), "{text}");
+            assert!(log_says(&log, "(lower file): passthrough"), "{text}");
+            assert_eq!(reads, (0, 0), "passthrough reads send no READ");
+        }
+    }
 }
 
 #[test]

@@ -59,6 +59,10 @@ pub struct IndexLayer {
     spans: Mutex<Option<Arc<SpanReader>>>,
     /// Objects whose bytes were hashed (or written) by this daemon and matched.
     verified: Arc<Verified>,
+    /// The last fetch failure logged, and when: the kernel asks again at once (readahead,
+    /// then the read itself, without OPEN on a read-only mount), and one failed read is
+    /// one log line.
+    last_failure: Mutex<Option<(String, std::time::Instant)>>,
 }
 
 /// Digests of the objects in `objects/` this daemon has checked, shared by the layers of a
@@ -96,6 +100,7 @@ impl IndexLayer {
             dev,
             spans: Mutex::new(None),
             verified,
+            last_failure: Mutex::new(None),
         }
     }
 
@@ -153,7 +158,16 @@ impl IndexLayer {
     /// its sha256 matches.
     fn fetch(&self, e: &Entry, sha: &Digest) -> io::Result<()> {
         let fail = |what: String| {
-            log::error!("layer {}: {}: {what}", self.index.layer, show(&e.path));
+            let line = format!("layer {}: {}: {what}", self.index.layer, show(&e.path));
+            let mut last = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
+            let repeat = last.as_ref().is_some_and(|(l, t)| {
+                *l == line && t.elapsed() < std::time::Duration::from_secs(2)
+            });
+            if !repeat {
+                log::error!("{line}");
+            }
+            *last = Some((line, std::time::Instant::now()));
+            drop(last);
             // The next fetch reopens the blob (it may have been repaired meanwhile) and
             // starts with an empty span cache.
             *self.spans.lock().unwrap_or_else(|p| p.into_inner()) = None;
