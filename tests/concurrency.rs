@@ -768,8 +768,23 @@ fn log_problems(log: &Path) -> Vec<String> {
 
 fn snapshot_within(root: &Path) -> tree::Snapshot {
     let r = root.to_path_buf();
-    common::with_timeout(120, move || tree::snapshot(&r, View::Merged))
-        .unwrap_or_else(|e| panic!("walk {}: {e}", root.display()))
+    match common::with_timeout(120, move || tree::snapshot(&r, View::Merged)) {
+        Ok(s) => s,
+        Err(e) => {
+            // Does it last? (A walk after the workers stopped races with nothing.)
+            std::thread::sleep(Duration::from_secs(1));
+            let r = root.to_path_buf();
+            let again = common::with_timeout(120, move || tree::snapshot(&r, View::Merged));
+            panic!(
+                "walk {}: {e} (walked again 1 s later: {})",
+                root.display(),
+                match again {
+                    Ok(_) => "fine".to_string(),
+                    Err(e2) => e2.to_string(),
+                }
+            )
+        }
+    }
 }
 
 fn stress(label: &str, extra: &[&str], partitioned: bool, default_secs: u64) {

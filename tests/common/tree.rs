@@ -249,8 +249,9 @@ fn join(rel: &str, name: &str) -> String {
 fn walk(root: &Path, rel: &str, view: View, snap: &mut Snapshot) -> io::Result<()> {
     let dir = root.join(rel);
     let mut names: Vec<Vec<u8>> = Vec::new();
-    for de in std::fs::read_dir(&dir)? {
-        names.push(de?.file_name().as_bytes().to_vec());
+    let at = |e: io::Error, p: &Path| io::Error::new(e.kind(), format!("{}: {e}", p.display()));
+    for de in std::fs::read_dir(&dir).map_err(|e| at(e, &dir))? {
+        names.push(de.map_err(|e| at(e, &dir))?.file_name().as_bytes().to_vec());
     }
     names.sort();
     for w in names.windows(2) {
@@ -306,7 +307,7 @@ fn walk(root: &Path, rel: &str, view: View, snap: &mut Snapshot) -> io::Result<(
                 continue;
             }
         };
-        let mut entry = read_entry(&path, &md, view, snap)?;
+        let mut entry = read_entry(&path, &md, view, snap).map_err(|e| at(e, &path))?;
         if view == View::Upper && matches!(entry.kind, Kind::File { .. }) {
             let removed: Vec<bool> = METACOPY_XATTRS
                 .iter()
